@@ -56,7 +56,7 @@ class EmpiricalCalibration:
         """
         ref = _as_2d_float(reference_rewards, "reference_rewards")
         if ref.shape[0] == 0:
-            raise ValueError("reference_rewards has no prompts (shape %s)" % (tuple(ref.shape),))
+            raise ValueError(f"reference_rewards has no prompts (shape {tuple(ref.shape)})")
         nan = torch.isnan(ref)
         inf = torch.isinf(ref)
         if inf.any():
