@@ -122,6 +122,8 @@ class RewardConfig:
     max_length: int = 512
     device: str = "auto"
     label_index: int = 0  # which logit is the reward for an hf model with several labels
+    dtype: str = "float32"  # hf reward model weights: float32 | bfloat16 | float16 | auto
+    pair: bool = False  # hf: tokenize (prompt, completion) as a text pair instead of concatenating
 
     def validate(self, path: str = "reward") -> None:
         if self.kind not in ("hf", "callable"):
@@ -130,6 +132,10 @@ class RewardConfig:
             _fail(f"{path}.name", self.name, "a reward model path or module:function is required")
         if self.kind == "callable" and ":" not in self.name:
             _fail(f"{path}.name", self.name, "a callable reward is given as module:function")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            _fail(f"{path}.dtype", self.dtype, "expected float32, bfloat16, float16 or auto")
+        if self.batch_size < 1:
+            _fail(f"{path}.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)

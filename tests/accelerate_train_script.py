@@ -1,0 +1,88 @@
+"""Run a few CTRL steps on a tiny saved model; launched by tests/test_rl.py under ``accelerate launch``.
+
+Usage (CPU, no MPI): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
+       tests/accelerate_train_script.py MODEL_DIR OUT_DIR
+       [--steps N] [--bf16]
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+torch.set_num_threads(1)
+
+from infalign.calibration import EmpiricalCalibration  # noqa: E402
+from infalign.config import ModelConfig, RLConfig, SamplingConfig  # noqa: E402
+from infalign.models import generate, load_model, load_tokenizer  # noqa: E402
+from infalign.rl.trainer import CTRLTrainer  # noqa: E402
+
+PROMPTS = ["The cat", "Human: hi Assistant:", "The weather", "What is", "A good", "We"]
+
+
+def frac_e(prompts, completions):
+    return [[c.count("e") / max(len(c), 1) for c in row] for row in completions]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true")
+    args = ap.parse_args()
+
+    mcfg = ModelConfig(name=args.model_dir, device="cpu")
+    policy = load_model(mcfg, trainable=True)
+    reference = load_model(mcfg, trainable=False)
+    tok = load_tokenizer(mcfg)
+    sampling = SamplingConfig(max_new_tokens=6, batch_size=64)
+    # every process draws the same reference samples (seeded), so all hold the same calibration
+    ref_gen = generate(reference, tok, PROMPTS, 8, sampling, seed=123, progress=False)
+    cal = EmpiricalCalibration.fit(torch.tensor(frac_e(PROMPTS, ref_gen.texts)))
+    rl = RLConfig(
+        steps=args.steps,
+        prompts_per_step=4,
+        samples_per_prompt=4,
+        lr=1e-2,
+        beta=0.05,
+        grad_accum=2,
+        bf16=args.bf16,
+        save_every=1,
+    )
+    trainer = CTRLTrainer(
+        policy,
+        reference,
+        tok,
+        PROMPTS,
+        frac_e,
+        cal,
+        "exp:4",
+        rl,
+        sampling,
+        args.out_dir,
+        progress=False,
+    )
+    history = trainer.train()
+    acc = trainer.accelerator
+    # the update is synchronised: every process holds the same parameters
+    flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(trainer.model).parameters()])
+    gathered = acc.gather(flat.unsqueeze(0))
+    if acc.is_main_process:
+        assert acc.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
+        assert torch.equal(gathered[0], gathered[-1]), "parameters differ across processes"
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "num_processes": acc.num_processes,
+                    "mixed_precision": acc.mixed_precision,
+                    "history": history,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

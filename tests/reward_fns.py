@@ -1,0 +1,40 @@
+"""Reward functions used by tests (loaded as ``reward_fns:NAME`` through CallableReward)."""
+
+import numpy as np
+import torch
+
+
+def length_reward(prompts, completions):
+    """Number of characters of each completion (a list of lists)."""
+    return [[float(len(c)) for c in group] for group in completions]
+
+
+def length_reward_tensor(prompts, completions):
+    """Same as ``length_reward``, as a tensor."""
+    return torch.tensor([[float(len(c)) for c in group] for group in completions])
+
+
+def count_e_reward(prompts, completions):
+    """Number of letters 'e' (a numpy array, many ties)."""
+    return np.array([[c.count("e") for c in group] for group in completions], dtype=np.float64)
+
+
+def nan_reward(prompts, completions):
+    """NaN for the second completion of the last prompt."""
+    out = torch.zeros(len(prompts), len(completions[0]))
+    out[-1, min(1, out.shape[1] - 1)] = float("nan")
+    return out
+
+
+def flat_reward(prompts, completions):
+    """Wrong shape: a flat list."""
+    return [0.0 for group in completions for _ in group]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def failing_reward(prompts, completions):
+    """Raises: simulates a reward model crash."""
+    raise Boom("reward backend crashed")
