@@ -30,6 +30,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/theory.py
+	$(BIN)/python benchmarks/calibration.py
+	$(BIN)/python benchmarks/evaluation.py
 
 lint: setup
 	$(BIN)/ruff check infalign tests benchmarks

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -20,6 +21,13 @@ log = logging.getLogger("infalign")
 
 class UsageError(Exception):
     """Bad user input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parse_kls(spec: str) -> np.ndarray:
@@ -89,11 +97,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("frontier", help="win rate vs KL per transform in calibrated space")
     p.add_argument("--procedure", default="bon:4", help="sample | bon:N | won:N | kth:K:N")
