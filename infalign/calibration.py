@@ -23,7 +23,13 @@ __all__ = ["EmpiricalCalibration"]
 
 
 def _as_2d_float(x: torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    # Python floats are doubles: plain torch.as_tensor would round nested lists to float32,
+    # merging distinct rewards into ties and mis-ordering them against float64 queries.
+    t = (
+        torch.as_tensor(x, dtype=torch.float64)
+        if isinstance(x, (list, tuple))
+        else torch.as_tensor(x)
+    )
     if t.ndim != 2:
         raise ValueError(
             f"{name} must be a 2-D (prompts, samples) tensor, got shape {tuple(t.shape)}"

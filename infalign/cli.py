@@ -12,9 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from infalign.config import RunConfig
 
 log = logging.getLogger("infalign")
 
@@ -93,6 +96,146 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- reference / train / evaluate / run: the pipeline ----------------------------------------------
+
+
+def _overrides(extra: Sequence[str]) -> dict[str, str]:
+    """``--section.key VALUE`` / ``--section.key=VALUE`` pairs (after the recipe) as a dict."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise UsageError(
+                f"unexpected argument {tok!r}; config overrides are --section.key VALUE "
+                "(after the recipe)"
+            )
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise UsageError(f"override {tok} needs a value")
+            value = extra[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def _load_recipe(args: argparse.Namespace) -> RunConfig:
+    from infalign.config import load_config
+
+    return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
+
+
+def _fmt_ci(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def _print_table(rows: list[dict], procedures: list[str]) -> None:
+    head = ["method", "beta", "KL (nats)", "standard", *procedures]
+    table = [head]
+    for r in rows:
+        kl = r["kl"]
+        se = "" if kl.get("stderr") is None else f" ± {kl['stderr']:.3f}"
+        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+        wins = [_fmt_ci(r["win_rate"].get(p)) for p in procedures]
+        table.append(
+            [r["method"], beta, f"{kl['mean']:.3f}{se}", _fmt_ci(r["standard_win_rate"]), *wins]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
+    from infalign import pipeline
+
+    names = [m.name for m in pipeline.sweep(cfg)]
+    if args.method is not None:
+        return str(args.method)
+    if len(names) == 1:
+        return names[0]
+    raise UsageError(f"--method is required: the recipe has methods {names}")
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from infalign import pipeline
+
+    cfg = _load_recipe(args)
+    splits = [args.split] if args.split else list(pipeline.SPLITS)
+    refs = pipeline.run_references(cfg, splits)
+    for split, ref in refs.items():
+        print(
+            f"reference/{split}: {len(ref.prompts)} prompts x K={ref.num_samples}, mean reward "
+            f"{float(ref.rewards.mean()):.4f}, tied {ref.tie_fraction():.1%} -> "
+            f"{pipeline.reference_dir(cfg, split)}"
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from infalign import pipeline
+    from infalign.io import read_json
+
+    cfg = _load_recipe(args)
+    method = _method_name(cfg, args)
+    d = pipeline.run_train(cfg, method, args.beta)
+    last = read_json(d / "manifest.json").get("summary") or {}
+    tf = read_json(d / "transform.json").get("resolved")
+    print(f"train {method} ({tf}): {d}")
+    if last:
+        print(
+            f"  step {last['rl/step'] + 1}: reward {last['rl/reward_raw']:.4f}, "
+            f"KL {last['rl/kl_seq']:.4f} nats"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from infalign import pipeline
+    from infalign.io import read_json
+    from infalign.procedures import parse_procedure
+
+    cfg = _load_recipe(args)
+    if args.reference and (args.method is not None or args.beta is not None):
+        raise UsageError("--reference evaluates pi_ref itself: give it without --method/--beta")
+    method = None if args.reference else _method_name(cfg, args)
+    pipeline.run_evaluate(cfg, method, args.beta)  # also refreshes results.json
+    results = read_json(Path(cfg.out) / "results.json")
+    name = pipeline.REFERENCE_ROW if method is None else method
+    beta = None if method is None else float(cfg.rl.beta if args.beta is None else args.beta)
+    rows = [r for r in results["rows"] if r["method"] == name and r["beta"] == beta]
+    procs = [parse_procedure(p).spec() for p in cfg.evaluate.procedures]
+    _print_table(rows, procs)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from infalign import pipeline
+
+    cfg = _load_recipe(args)
+    results = pipeline.run_all(cfg, report=not args.no_report)
+    _print_table(results["rows"], results["procedures"])
+    out = Path(cfg.out)
+    print(f"results: {out / 'results.json'}")
+    if results.get("report"):
+        print(f"report:  {results['report']}")
+    return 0
+
+
+# --- report: markdown + plots from a run directory's artifacts ----------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from infalign import report
+
+    path = report.write_report(Path(args.run_dir))
+    print(path)
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -120,12 +263,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_solve)
 
+    over = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
+    epilog = (
+        "Any config key can be overridden after the recipe as --section.key VALUE or "
+        "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
+        "--rl.steps 10 --out runs/x); an unknown key is an error."
+    )
+    p = sub.add_parser(
+        "reference",
+        help="sample and score K reference responses per prompt" + over,
+        allow_abbrev=False,
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--split", choices=["train", "test"], help="one split (default: both)")
+    p.set_defaults(func=cmd_reference, overrides_ok=True)
+    p.epilog = epilog
+
+    p = sub.add_parser(
+        "train", help="CTRL training of one method at one beta" + over, allow_abbrev=False
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
+    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
+    p.set_defaults(func=cmd_train, overrides_ok=True)
+    p.epilog = epilog
+
+    p = sub.add_parser(
+        "evaluate",
+        help="inference-time win rates and KL of a trained policy" + over,
+        allow_abbrev=False,
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
+    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
+    p.add_argument("--reference", action="store_true", help="evaluate pi_ref itself (sanity row)")
+    p.set_defaults(func=cmd_evaluate, overrides_ok=True)
+    p.epilog = epilog
+
+    p = sub.add_parser(
+        "run",
+        help="the whole sweep: reference, train, evaluate, results, report" + over,
+        allow_abbrev=False,
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--no-report", action="store_true", help="skip the report")
+    p.set_defaults(func=cmd_run, overrides_ok=True)
+    p.epilog = epilog
+
+    p = sub.add_parser("report", help="report.md + plots from a run directory's artifacts")
+    p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
+    p.set_defaults(func=cmd_report)
+
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "overrides_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # config overrides of the pipeline verbs
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

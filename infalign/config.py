@@ -5,6 +5,7 @@ dotted overrides (``--rl.beta 0.1``). Everything is validated here, before any m
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,10 +171,15 @@ class RLConfig:
     bf16: bool = False
     save_every: int = 50
     seed: int = 0
+    # KL budget (nats) at which exp:auto / negexp:auto / optimal are resolved into a fixed transform
+    # (infalign.theory.resolve_transform, for the deployed procedure ``report.procedure``)
+    target_kl: float = 0.5
 
     def validate(self, path: str = "rl") -> None:
         if not self.beta > 0:
             _fail(f"{path}.beta", self.beta, "must be > 0")
+        if not 0 < self.target_kl <= 12:
+            _fail(f"{path}.target_kl", self.target_kl, "must be in (0, 12] nats")
         if self.steps < 0:
             _fail(f"{path}.steps", self.steps, "must be >= 0")
         if self.samples_per_prompt < 2:
@@ -187,6 +193,9 @@ class RLConfig:
             _fail(f"{path}.clip_eps", self.clip_eps, "must be in (0, 1)")
 
 
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """One method of a sweep: a name, the reward (transform spec or "raw") and the betas to train."""
@@ -198,6 +207,13 @@ class MethodConfig:
     def validate(self, path: str) -> None:
         if not self.name:
             _fail(f"{path}.name", self.name, "every method needs a name")
+        if not _METHOD_NAME.fullmatch(self.name) or self.name == "reference":
+            _fail(
+                f"{path}.name",
+                self.name,
+                "a method name is a directory name: letters, digits, '.', '_', '+', '-' "
+                "(not starting with '.' or '-'), and not 'reference' (the baseline's name)",
+            )
         if not self.betas or any(not b > 0 for b in self.betas):
             _fail(f"{path}.betas", self.betas, "a non-empty list of betas > 0")
 
@@ -210,6 +226,7 @@ class EvaluateConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    per_prompt: bool = False  # also write the per-prompt win-rate estimates into eval.json
 
     def validate(self, path: str = "evaluate") -> None:
         if not 0 < self.confidence < 1:

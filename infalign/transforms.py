@@ -52,6 +52,24 @@ def _expm1(x: Array) -> Array:
     return torch.expm1(x) if isinstance(x, torch.Tensor) else np.expm1(x)
 
 
+def _unit(u: Array, out: Array) -> Array:
+    """Clamp ``out`` into [0, 1] and pin Phi(0) = 0, Phi(1) = 1 exactly.
+
+    Rounding (float32, or the double-precision constants meeting a float32 tensor) can otherwise
+    leave Phi(1) a few ulp off 1 and push values just below u = 1 above it (non-monotone).
+    """
+    if isinstance(out, torch.Tensor):
+        out = torch.clamp(out, 0.0, 1.0)
+        return torch.where(u >= 1.0, 1.0, torch.where(u <= 0.0, 0.0, out))
+    return np.where(u >= 1.0, 1.0, np.where(u <= 0.0, 0.0, np.clip(out, 0.0, 1.0)))
+
+
+def _fmt(t: float) -> str:
+    """Shortest spec for t that parses back to exactly t (``%g`` keeps only 6 digits)."""
+    s = f"{t:g}"
+    return s if float(s) == t else repr(t)
+
+
 def _as_array(u: Any) -> np.ndarray | torch.Tensor:
     if isinstance(u, torch.Tensor):
         return u if u.is_floating_point() else u.to(torch.float64)
@@ -108,7 +126,8 @@ class Log(Transform):
 
     def _apply(self, u: Any) -> Any:
         if isinstance(u, torch.Tensor):
-            return torch.log(torch.clamp(u, min=self.eps))
+            # eps below the dtype's range (1e-300 in float32) would clamp to 0 and give -inf
+            return torch.log(torch.clamp(u, min=self.eps)).clamp(min=math.log(self.eps))
         return np.log(np.maximum(u, self.eps))
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,13 +155,19 @@ class Exp(Transform):
         object.__setattr__(self, "t", _check_t("exp", self.t))
 
     def _apply(self, u: Any) -> Any:
-        return (_exp(self.t * (u - 1.0)) - math.exp(-self.t)) / -math.expm1(-self.t)
+        t = self.t
+        if t <= 30.0:
+            # full relative precision for every u (the e^{-t}-shifted form loses ~eps/t for small
+            # t); e^30 ~ 1e13 cannot overflow, even in float32
+            return _unit(u, _expm1(t * u) / math.expm1(t))
+        # e^{-t} < 1e-13 here; this form never overflows (t = 500 is fine)
+        return _unit(u, (_exp(t * (u - 1.0)) - math.exp(-t)) / -math.expm1(-t))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "t": self.t}
 
     def __str__(self) -> str:
-        return f"exp:{self.t:g}"
+        return f"exp:{_fmt(self.t)}"
 
 
 @dataclass(frozen=True)
@@ -156,13 +181,13 @@ class NegExp(Transform):
         object.__setattr__(self, "t", _check_t("negexp", self.t))
 
     def _apply(self, u: Any) -> Any:
-        return -_expm1(-self.t * u) / -math.expm1(-self.t)
+        return _unit(u, -_expm1(-self.t * u) / -math.expm1(-self.t))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "t": self.t}
 
     def __str__(self) -> str:
-        return f"negexp:{self.t:g}"
+        return f"negexp:{_fmt(self.t)}"
 
 
 @dataclass(frozen=True)
@@ -200,12 +225,14 @@ class Tabulated(Transform):
 
     def _apply(self, u: Any) -> Any:
         if isinstance(u, torch.Tensor):
-            g = torch.tensor(self.grid, dtype=u.dtype, device=u.device)
-            v = torch.tensor(self.values, dtype=u.dtype, device=u.device)
-            x = torch.clamp(u, g[0], g[-1]).contiguous()
+            # Interpolate in float64: grid points closer than float32 resolution (the theory grid
+            # has gaps of 1e-10 next to 0 and 1) would collapse and give 0/0 = NaN in float32.
+            g = torch.tensor(self.grid, dtype=torch.float64, device=u.device)
+            v = torch.tensor(self.values, dtype=torch.float64, device=u.device)
+            x = torch.clamp(u.to(torch.float64), g[0], g[-1]).contiguous()
             i = torch.clamp(torch.searchsorted(g, x, right=True) - 1, 0, len(self.grid) - 2)
             w = (x - g[i]) / (g[i + 1] - g[i])
-            return v[i] + w * (v[i + 1] - v[i])
+            return (v[i] + w * (v[i + 1] - v[i])).to(u.dtype)
         return np.interp(u, self.grid, self.values)
 
     def to_dict(self) -> dict[str, Any]:
