@@ -289,12 +289,32 @@ def _optimum(procedure: str, kls: Sequence[float]) -> dict[float, float]:
     return out
 
 
+def _kl_points(run: dict[str, Any]) -> list[dict[str, float]]:
+    return [r["kl"] for r in run["rows"] if r["method"] != "reference" and "mean" in r["kl"]]
+
+
+def _log_scale(run: dict[str, Any]) -> bool:
+    """A log KL axis only where every measured KL and interval end is > 0 and the points span at
+    least a factor of 3; otherwise linear (negative Monte-Carlo KL estimates are shown honestly)."""
+    kls = _kl_points(run)
+    if not kls or any(k["mean"] <= 0 or k.get("low", 1.0) <= 0 for k in kls):
+        return False
+    means = [k["mean"] for k in kls]
+    return max(means) >= 3 * min(means)
+
+
 def _theory_kls(run: dict[str, Any]) -> np.ndarray:
-    kl = [r["kl"]["mean"] for r in run["rows"] if r["kl"].get("mean", 0) > 0]
-    hi = [r["kl"].get("high", r["kl"]["mean"]) for r in run["rows"] if r["kl"].get("mean", 0) > 0]
-    if not kl:
+    """KL grid for the theory curve: the measured range (with margins), from near 0 on a linear axis."""
+    kls = _kl_points(run)
+    pos = [k["mean"] for k in kls if k["mean"] > 0]
+    if not pos:
         return np.zeros(0)
-    lo_k, hi_k = max(min(kl) / 2, 1e-3), min(max(max(hi), max(kl)) * 1.5, MAX_KL)
+    top = max(max(pos), *(k.get("high", 0.0) for k in kls))
+    if _log_scale(run):
+        lo_k, hi_k = min(pos) / 1.5, top * 1.5
+    else:
+        lo_k, hi_k = max(top * 0.01, 1e-3), top * 1.1
+    lo_k, hi_k = max(lo_k, 1e-3), min(hi_k, MAX_KL)
     return np.geomspace(lo_k, max(hi_k, lo_k * 1.01), 30)
 
 
@@ -311,7 +331,6 @@ def _methods(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def _winrate_panel(ax: Any, run: dict[str, Any], proc: str, curve: dict[float, float]) -> None:
     methods = _methods(run["rows"])
-    positive = all(r["kl"]["mean"] > 0 for v in methods.values() for r in v)
     for name, rows in methods.items():
         rows = [r for r in rows if "mean" in r["win"].get(proc, {})]
         if not rows:
@@ -345,8 +364,10 @@ def _winrate_panel(ax: Any, run: dict[str, Any], proc: str, curve: dict[float, f
             **OPTIMUM_STYLE,
         )
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="reference policy (1/2)")
-    if positive:
+    if _log_scale(run):
         _log_kl_axis(ax)
+    else:
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("measured KL(policy || reference)  [nats, sequence level]")
     ax.set_ylabel(f"{proc} win rate vs reference")
     ax.grid(True, which="both", alpha=0.3)
@@ -417,6 +438,13 @@ def _g(x: Any) -> str:
     return NA if v is None else f"{v:g}"
 
 
+def _short_floats(text: str) -> str:
+    """Long decimals inside a spec (``exp:12.633858298560305``) shown to 4 significant digits."""
+    import re
+
+    return re.sub(r"\d+\.\d{5,}(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", text)
+
+
 def _ci(s: dict[str, float]) -> str:
     if "mean" not in s:
         return NA
@@ -451,7 +479,7 @@ def _results_table(
     for r in order:
         tf = r["transform"] or ("(reference policy)" if r["method"] == "reference" else NA)
         if r["resolved"] and r["resolved"] != r["transform"]:
-            tf = f"{tf} → {r['resolved']}"
+            tf = f"{tf} → {_short_floats(r['resolved'])}"
         bound = r["bound"].get(head)
         if bound is None and r["method"] != "reference":
             bound = bounds.get(r["kl"].get("mean", -1.0))
@@ -476,6 +504,11 @@ def _training_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         cells.append(f"{sum(times):.1f}" if times else NA)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _pct(x: Any) -> str:
+    v = _num(x)
+    return NA if v is None else f"{100 * v:g}%"
 
 
 def _settings(run: dict[str, Any]) -> list[tuple[str, str]]:
@@ -535,7 +568,7 @@ def _settings(run: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "intervals",
-            f"{c('evaluate.confidence')} percentile bootstrap over test prompts ({c('evaluate.bootstrap')} resamples); KL ± standard error",
+            f"{_pct(_get(cfg, 'evaluate.confidence'))} percentile bootstrap over test prompts ({c('evaluate.bootstrap')} resamples); KL ± standard error",
         ),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or NA),
         (

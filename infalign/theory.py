@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 MAX_KL = 12.0  # beyond this the tilted densities are narrower than the grid resolves reliably
-_LAMBDA_RANGE = (1e-8, 1e9)
+_LAMBDA_RANGE = (1e-8, 1e15)
 
 
 class Quadrature:
@@ -143,7 +143,7 @@ def _lambda_for_kl(
 
     KL(lam) = lam E[phi] - log Z(lam) is increasing with dKL/d log(lam) = lam^2 Var_p(phi): safeguarded
     Newton in s = log(lam), kept inside a shrinking bracket. Targets the transform cannot
-    reach with lam <= 1e9 (e.g. negexp with a huge t) come back as NaN.
+    reach with lam <= 1e15 (e.g. negexp with a huge t) come back as NaN.
     """
     phi = np.broadcast_to(phi, (*kl.shape, GRID.size))
     lo = np.full(kl.shape, math.log(_LAMBDA_RANGE[0]))
@@ -301,6 +301,9 @@ def _best_t_many(cls: type[Transform], procedure: Procedure, kl: np.ndarray) -> 
     w, _ = _family_win_rates(cls, np.repeat(_T_GRID, K), np.tile(kl, T), procedure)
     best = np.argmax(w.reshape(T, K), axis=0)
     logt = np.log(_T_GRID)
+    # The best point evaluated so far is what is returned (the bracket's midpoint may lie past
+    # the edge of reachability, where larger t no longer attains the KL).
+    best_logt, best_w = logt[best], np.max(w.reshape(T, K), axis=0)
     a = logt[np.clip(best - 1, 0, T - 1)]
     b = logt[np.clip(best + 1, 0, T - 1)]
     g = (math.sqrt(5) - 1) / 2
@@ -312,12 +315,15 @@ def _best_t_many(cls: type[Transform], procedure: Procedure, kl: np.ndarray) -> 
         a, b = np.where(left, a, c), np.where(left, d, b)
         c_next = np.where(left, b - g * (b - a), d)
         d_next = np.where(left, c, a + g * (b - a))
-        fresh = _family_win_rates(cls, np.exp(np.where(left, c_next, d_next)), kl, procedure)[0]
+        x = np.where(left, c_next, d_next)
+        fresh = _family_win_rates(cls, np.exp(x), kl, procedure)[0]
+        better = fresh > best_w
+        best_logt, best_w = np.where(better, x, best_logt), np.where(better, fresh, best_w)
         fc, fd = np.where(left, fresh, fd), np.where(left, fc, fresh)
         c, d = c_next, d_next
         if np.all(b - a < 1e-4):
             break
-    return np.asarray(np.exp(0.5 * (a + b)))
+    return np.asarray(np.exp(best_logt))
 
 
 def best_t(family: Any, procedure: Procedure | str, kl: float) -> float:
@@ -344,7 +350,8 @@ def _solve_optimum(
 
     Damped iteration in log space: log p <- (1 - eta) log p + eta log q with q = exp(lam Phi_p) / Z;
     for a KL target lam is re-solved at every step so that KL(q) = kl. The step eta is per row: it
-    halves whenever the residual TV(p, q) grows and recovers slowly otherwise. Returns (log p, lam).
+    halves whenever the residual TV(p, q) grows and recovers slowly otherwise. Returns (log p, lam);
+    rows whose KL target became unreachable have lam = NaN.
     """
     target = kl if kl is not None else lam
     assert target is not None
@@ -359,9 +366,12 @@ def _solve_optimum(
         phi = _phi_of(logp[a], procedure)
         if kl is not None:
             lam_now[a] = _lambda_for_kl(phi, kl[a], lam0=lam_now[a])
-        logq = _tilt(phi, lam_now[a])[0]
+        # A KL target the current Phi cannot reach (it saturates, e.g. worst-of-n far beyond
+        # KL 3 where W is ~1) ends its row with lam = NaN.
+        lam_a = np.where(np.isfinite(lam_now[a]), lam_now[a], 1.0)
+        logq = _tilt(phi, lam_a)[0]
         change = GRID.integrate(np.abs(np.exp(logq) - np.exp(logp[a])))  # total variation
-        done = change < tol
+        done = (change < tol) | ~np.isfinite(lam_now[a])
         logp[a[done]] = logq[done]
         if it == 0:
             logp[a] = logq
@@ -397,19 +407,23 @@ class OptimalPolicy(CalibratedPolicy):
 
 def _optimal_policies(
     procedure: Procedure, kl: np.ndarray | None, lam: np.ndarray | None
-) -> list[OptimalPolicy]:
+) -> list[OptimalPolicy | None]:
     """Solve the fixed points (vectorised over rows) and carry each as a [0, 1] Tabulated Phi.
 
     Phi_F(v) = cum(v) - total with cum(v) = integral_0^v G'(F) G', so Phi_norm = cum / total and
     lam Phi = (lam total) Phi_norm + const: the normalised transform's beta is 1 / (lam total).
+    Rows whose KL target is out of reach come back as None.
     """
     logp, lam_out = _solve_optimum(procedure, kl=kl, lam=lam)
     F = np.clip(GRID.cumulative(np.exp(logp)), 0.0, 1.0)
     g = procedure.cdf_map_derivative(F) * procedure.cdf_map_derivative(GRID.nodes)
     cum, total = GRID.cumulative(g), GRID.integrate(g)
     grid = (0.0, *GRID.nodes.tolist(), 1.0)
-    out = []
+    out: list[OptimalPolicy | None] = []
     for row in range(logp.shape[0]):
+        if not np.isfinite(lam_out[row]):
+            out.append(None)
+            continue
         values = np.maximum.accumulate(np.clip(cum[row] / total[row], 0.0, 1.0))
         tf = Tabulated(grid, (0.0, *values.tolist(), 1.0))
         beta = float(1.0 / (lam_out[row] * total[row]))
@@ -425,10 +439,18 @@ def optimal_policy(
     if (kl is None) == (beta is None):
         raise ValueError("optimal_policy: give exactly one of kl= or beta=")
     if kl is not None:
-        return _optimal_policies(proc, _check_kl(kl), None)[0]
+        pol = _optimal_policies(proc, _check_kl(kl), None)[0]
+        if pol is None:
+            raise ValueError(
+                f"the optimum for {proc} at KL {kl!r} is out of reach on the calibrated-space grid "
+                "(its win rate is already within ~1e-4 of 1 at a lower KL)"
+            )
+        return pol
     if not (beta is not None and beta > 0 and math.isfinite(beta)):
         raise ValueError(f"optimal_policy: beta must be a finite number > 0, got {beta!r}")
-    return _optimal_policies(proc, None, np.array([1.0 / beta]))[0]
+    pol = _optimal_policies(proc, None, np.array([1.0 / beta]))[0]
+    assert pol is not None
+    return pol
 
 
 @dataclass(frozen=True)
@@ -496,19 +518,19 @@ def frontier(
     for spec in transforms:
         label = str(spec)
         if isinstance(spec, str) and spec.strip().lower() == "optimal":
-            for pol, k in zip(_optimal_policies(proc, kl, None), kl, strict=False):
-                out.append(
-                    FrontierRow(
-                        label,
-                        "optimal",
-                        None,
-                        pol.beta,
-                        pol.kl(),
-                        pol.win_rate(proc),
-                        pol.standard_win_rate(),
+            for pol in _optimal_policies(proc, kl, None):
+                if pol is not None:
+                    out.append(
+                        FrontierRow(
+                            label,
+                            "optimal",
+                            None,
+                            pol.beta,
+                            pol.kl(),
+                            pol.win_rate(proc),
+                            pol.standard_win_rate(),
+                        )
                     )
-                )
-                del k
             continue
         fam = _auto_family(spec) if isinstance(spec, str) else None
         if fam is not None:

@@ -108,7 +108,7 @@ def make_run(d, with_results=True):
             {
                 "method": method,
                 "transform": tf,
-                "resolved_transform": "exp(t=11.93)" if tf == "exp:auto" else "raw",
+                "resolved_transform": "exp:12.633858298560305" if tf == "exp:auto" else "raw",
                 "beta": beta,
                 "kl": {"mean": kl, "stderr": se, "low": kl - 2 * se, "high": kl + 2 * se},
                 "win_rate": {p: _wr(*w) for p, w in wins.items()},
@@ -176,7 +176,7 @@ def test_write_report_shows_the_artifacts(run_dir, written):
         else:  # missing in the artifact: the theory optimum at the measured KL, computed
             want = theory.optimal_policy("bon:4", kl=kl).win_rate("bon:4")
             assert f"| {want:.4f} |" in line
-    assert "exp:auto → exp(t=11.93)" in md
+    assert "exp:auto → exp:12.63 |" in md
     # within a method rows are ordered by KL
     assert table.index(next(ln for ln in table if "0.2345" in ln)) < table.index(
         next(ln for ln in table if "0.4567" in ln)
@@ -219,7 +219,14 @@ def test_write_report_tolerates_missing_optional_artifacts(tmp_path):
     for p in [*d.glob("train/*/beta=*/metrics.jsonl"), *d.glob("reference/*/reference.json")]:
         p.unlink()
     (d / "manifest.json").unlink()
+    res = json.loads((d / "results.json").read_text())
+    res["rows"][0]["kl"] = {"mean": -0.0125, "stderr": 0.02}  # a negative Monte-Carlo estimate
+    for r in res["rows"]:
+        r.pop("theory_bound")
+    (d / "results.json").write_text(json.dumps(res))
     md = report.write_report(d).read_text()
+    assert "-0.0125 ± 0.0200" in md
+    assert (d / "winrate_vs_kl.png").read_bytes().startswith(PNG_MAGIC)
     assert "No training metrics" in md
     assert not (d / "training.png").exists()
     assert "0.7899 [0.7599, 0.8199]" in md

@@ -234,3 +234,10 @@ def test_bad_arguments():
         optimal_policy("bon:4", kl=0.5, beta=0.1)
     with pytest.raises(ValueError):
         theory.frontier("bon:x", ["identity"], [0.5])
+
+
+def test_optimum_out_of_reach_is_a_clear_error_and_skipped_in_frontier():
+    rows = frontier("won:4", ["optimal"], [1.0, 6.0])
+    assert [round(r.kl, 6) for r in rows] == [1.0]
+    with pytest.raises(ValueError, match="out of reach"):
+        optimal_policy("won:4", kl=6.0)
