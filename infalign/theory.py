@@ -272,7 +272,7 @@ def beta_for_kl(transform: Transform | str, kl: float) -> float:
 
 
 _FAMILIES = {"exp": Exp, "negexp": NegExp}
-_T_GRID = np.geomspace(0.05, 400.0, 20)
+_T_GRID = np.geomspace(0.05, 400.0, 14)
 
 
 def _family(family: Any) -> type[Transform]:
