@@ -248,3 +248,16 @@ def test_load_errors(tmp_path, tiny_lm_dir):
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt"):
         load_model(ModelConfig(name=str(bad), device="cpu"))
+
+
+def test_package_path_resolves_installed_packages():
+    from infalign.models import _source, package_path
+
+    assets = package_path("pkg:infalign/assets")
+    assert (assets / "reference_lm" / "config.json").is_file()
+    assert _source("pkg:infalign/assets/reference_lm", "model") == (
+        str(assets / "reference_lm"),
+        True,
+    )
+    with pytest.raises(ValueError, match="no installed Python package"):
+        package_path("pkg:no_such_package_xyz")
