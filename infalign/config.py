@@ -247,6 +247,9 @@ class RunConfig:
 
     out: str = "runs/default"
     seed: int = 0
+    task: str | None = (
+        None  # a shipped task (infalign.tasks.TASKS): fills reward, prompts, procedure
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     reference_model: ModelConfig | None = None  # defaults to `model`
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -411,8 +414,31 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     data = yaml.safe_load(p.read_text()) or {}
     if overrides:
         data = apply_overrides(data, overrides)
-    cfg: RunConfig = from_dict(RunConfig, data)
+    cfg: RunConfig = from_dict(RunConfig, _apply_task(data))
     return cfg.validate()
+
+
+def _apply_task(data: dict[str, Any]) -> dict[str, Any]:
+    """``task: NAME`` fills what the recipe leaves out: the task's reward, its shipped train/test
+    prompt files and its procedure (``report.procedure``). An unknown name is an error."""
+    name = data.get("task") if isinstance(data, dict) else None
+    if name is None:
+        return data
+    from infalign.tasks import TASKS
+
+    if name not in TASKS:
+        _fail("task", name, f"unknown task; expected one of {sorted(TASKS)}")
+    task = TASKS[name]
+    out = yaml.safe_load(yaml.safe_dump(data))
+    reward = out.setdefault("reward", {})
+    if not reward.get("name"):
+        reward.update(kind="callable", name=task.reward)
+    prompts = out.setdefault("prompts", {})
+    for split, path in (("train", task.train_prompts), ("test", task.test_prompts)):
+        section = prompts.setdefault(split, {})
+        section.setdefault("source", path)
+    out.setdefault("report", {}).setdefault("procedure", task.procedure)
+    return out
 
 
 def dump_config(cfg: Any) -> str:

@@ -167,3 +167,18 @@ def test_preflight_checks_before_loading(assets, tmp_path):
     with pytest.raises(ValueError, match=r"rl\.target_kl=20"):
         _cfg(assets, tmp_path / "p", **{"rl.target_kl": 20})
     assert not (tmp_path / "p").exists()
+
+
+def test_task_fills_reward_prompts_and_procedure(tmp_path):
+    from infalign.config import load_config
+    from infalign.tasks import TASKS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "harmless.yaml")
+    task = TASKS["harmless"]
+    assert cfg.reward.name == task.reward and cfg.report.procedure == "won:4"
+    assert cfg.prompts.train.source == task.train_prompts and cfg.prompts.train.limit == 96
+    assert cfg.prompts.test.source == task.test_prompts
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: helpfull\nmodel: {name: x}\n")
+    with pytest.raises(ValueError, match="task='helpfull'.*unknown task"):
+        load_config(bad)
