@@ -180,5 +180,5 @@ def test_task_fills_reward_prompts_and_procedure(tmp_path):
     assert cfg.prompts.test.source == task.test_prompts
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: helpfull\nmodel: {name: x}\n")
-    with pytest.raises(ValueError, match="task='helpfull'.*unknown task"):
+    with pytest.raises(ValueError, match=r"task='helpfull'.*unknown task"):
         load_config(bad)
