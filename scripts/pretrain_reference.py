@@ -461,6 +461,14 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.minutes * 60
     t_start, last_ckpt = time.time() - state["elapsed"], time.time()
     tokens_per_step = args.batch_size * args.seq_len
+
+    def save_checkpoint() -> None:
+        """Model, optimizer, progress and RNG, atomically: a rerun resumes from here."""
+        state["elapsed"] = time.time() - t_start
+        payload = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state}
+        payload.update(rng=torch.get_rng_state(), throughput=throughput, args=vars(args))
+        atomic_save(payload, ckpt_path)
+
     while True:
         elapsed = time.time() - t_start
         progress = elapsed / budget
@@ -506,32 +514,10 @@ def main(argv: list[str] | None = None) -> None:
                 math.exp(ce),
             )
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
-            state["elapsed"] = time.time() - t_start
-            atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "state": state,
-                    "rng": torch.get_rng_state(),
-                    "throughput": throughput,
-                    "args": vars(args),
-                },
-                ckpt_path,
-            )
+            save_checkpoint()
             last_ckpt = time.time()
             log.info("checkpoint step %d -> %s", state["step"], ckpt_path)
-    state["elapsed"] = time.time() - t_start
-    atomic_save(
-        {
-            "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "state": state,
-            "rng": torch.get_rng_state(),
-            "throughput": throughput,
-            "args": vars(args),
-        },
-        ckpt_path,
-    )
+    save_checkpoint()
 
     # full held-out evaluation (float32, every window)
     ce = evaluate(model, val_stream, args.seq_len, 10**9, False)
