@@ -82,6 +82,11 @@ def main() -> None:
                 }
             )
         )
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    # abort the process ("terminate called without an active exception").
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
