@@ -16,23 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
-import time
-from collections.abc import Callable
 
 import torch
+from _common import best_time, git_commit
 
 from infalign.calibration import EmpiricalCalibration
-
-
-def best_time(fn: Callable[[], object], repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def naive(ref: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -51,16 +39,6 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    sha = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = git("status", "--porcelain", "--", "infalign/calibration.py")
-    return sha + ("+dirty(calibration.py)" if dirty else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=1000)
@@ -73,8 +51,9 @@ def main() -> None:
     P, M, K = args.prompts, args.m, args.k
     default_threads = torch.get_num_threads()
 
+    sha = git_commit("infalign/calibration.py")
     print(
-        f"# benchmarks/calibration.py  commit={commit()}  torch={torch.__version__}  "
+        f"# benchmarks/calibration.py  commit={sha}  torch={torch.__version__}  "
         f"python={platform.python_version()}"
     )
     print(f"# machine: {machine()}")

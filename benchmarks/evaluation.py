@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
-import time
-from collections.abc import Callable
 
 import torch
+from _common import best_time, git_commit
 from scipy import integrate
 
 from infalign.evaluation import (
@@ -64,16 +62,6 @@ def pairwise_win(a: torch.Tensor, b: torch.Tensor, proc: Procedure) -> torch.Ten
     return torch.einsum("i,pik,k->p", w, cmp, wr)
 
 
-def best_time(fn: Callable[[], object], repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alpha", type=float, default=2.0)
@@ -86,14 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
     print(
-        f"# benchmarks/evaluation.py  commit={commit or '?'}  torch={torch.__version__}  "
+        f"# benchmarks/evaluation.py  commit={git_commit()}  torch={torch.__version__}  "
         f"{platform.machine()} {platform.processor() or platform.system()}  threads=1"
     )
     print(
@@ -158,7 +140,7 @@ def main() -> None:
         ("pairwise O(M M') peer", lambda: pairwise_win(a, b, proc)),
         ("naive disjoint groups (select)", lambda: naive_win(a, b, proc)),
     ]
-    times = [(name, best_time(fn)) for name, fn in rows]
+    times = [(name, best_time(fn, repeat=7)) for name, fn in rows]
     core = times[2][1]
     for name, sec in times:
         print(f"{name:>42}: {sec * 1e3:8.2f} ms  ({sec / core:5.2f} x core)")

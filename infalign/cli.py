@@ -53,7 +53,7 @@ def _parse_kls(spec: str) -> np.ndarray:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from infalign import report, theory
+    from infalign import plots, theory
     from infalign.procedures import parse_procedure
 
     proc = parse_procedure(args.procedure)
@@ -70,7 +70,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         writer.writeheader()
         for row in rows:
             writer.writerow(row.to_dict())
-    report.plot_frontier(rows, out / "frontier.png", procedure=str(proc))
+    plots.plot_frontier(rows, out / "frontier.png", procedure=str(proc))
     print(f"wrote {out / 'frontier.csv'} ({len(rows)} rows) and {out / 'frontier.png'}")
     return 0
 

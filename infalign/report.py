@@ -1,7 +1,7 @@
-"""Plots (matplotlib, Agg) and a markdown report, built from a run's artifacts only.
+"""A markdown report with its plots, built from a run's artifacts only.
 
-``plot_frontier`` / ``frontier_table`` draw and tabulate calibrated-space frontiers
-(``theory.frontier`` rows). ``write_report(run_dir)`` reads ``config.yaml``, ``manifest.json``,
+``plot_frontier`` / ``frontier_table`` (calibrated-space frontiers) and the figure helpers live in
+:mod:`infalign.plots` and are re-exported here. ``write_report(run_dir)`` reads ``config.yaml``, ``manifest.json``,
 ``reference/*/reference.json``, ``train/<method>/beta=<b>/metrics.jsonl`` and ``results.json`` and writes
 ``report.md``, ``winrate_vs_kl.png`` and ``training.png`` next to them. It never recomputes a measurement:
 every measured number it shows is read from an artifact. The only numbers it computes are the
@@ -10,7 +10,6 @@ calibrated-space optimum (``theory``), always labelled as theory.
 
 from __future__ import annotations
 
-import io as _stdio
 import logging
 import math
 from collections.abc import Sequence
@@ -20,111 +19,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from infalign.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
-from infalign.theory import MAX_KL, FrontierRow
+from infalign.io import atomic_write_text, read_json, read_jsonl
+from infalign.plots import _pyplot, _save, frontier_table, plot_frontier, plot_winrate
+from infalign.theory import MAX_KL
 
 __all__ = ["frontier_table", "load_run", "plot_frontier", "write_report"]
 
 log = logging.getLogger(__name__)
-
-DPI = 120
-OPTIMUM_STYLE: dict[str, Any] = {"color": "black", "linestyle": "--", "linewidth": 1.6}
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the non-interactive Agg backend (a clear error if matplotlib is missing)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError(
-            "plots need matplotlib: pip install 'infalign[plot]' (or matplotlib>=3.8)"
-        ) from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    """Render ``fig`` as PNG in memory, write it atomically (temp file + os.replace), close it."""
-    plt = _pyplot()
-    buf = _stdio.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    out = Path(path)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
-
-
-def _log_kl_axis(ax: Any) -> None:
-    """Log-scaled KL axis with plain tick labels (0.2, 0.5, 1), minor ticks labelled on short ranges.
-    Call after the data are drawn (the labelled minor ticks depend on the range)."""
-    from matplotlib.ticker import FuncFormatter
-
-    ax.set_xscale("log")
-    lo, hi = ax.get_xlim()
-    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 10.0
-    keep = {2, 3, 4, 6} if decades < 1.2 else {2, 5} if decades < 2.5 else set()
-
-    def minor(v: float, _pos: Any) -> str:
-        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
-        return f"{v:g}" if mantissa in keep else ""
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
-
-
-# --- calibrated-space frontier ------------------------------------------------------------------
-
-
-def plot_frontier(rows: Sequence[FrontierRow], path: str | Path, procedure: str) -> Path:
-    """Win rate of ``procedure`` (left) and standard win rate (right) against KL (nats, log axis), one
-    curve per ``row.transform``; the ``optimal`` rows are drawn dashed black as the upper bound."""
-    if not rows:
-        raise ValueError("plot_frontier: no rows to plot (every KL target unreachable?)")
-    plt = _pyplot()
-    groups: dict[str, list[FrontierRow]] = {}
-    for r in rows:
-        groups.setdefault(r.transform, []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    panels = ((axes[0], "win_rate", f"{procedure} win rate"), (axes[1], "standard_win_rate", None))
-    for ax, field, ylabel in panels:
-        for label, group in groups.items():
-            group = sorted(group, key=lambda r: r.kl)
-            x = [r.kl for r in group]
-            y = [getattr(r, field) for r in group]
-            if label == "optimal" and field == "win_rate":
-                ax.plot(x, y, label="optimum (upper bound)", zorder=5, **OPTIMUM_STYLE)
-            elif (
-                label == "optimal"
-            ):  # the procedure's optimum: not a bound on the standard win rate
-                ax.plot(x, y, color="grey", linestyle="--", label=f"{procedure} optimum")
-            else:
-                ax.plot(x, y, marker="o", markersize=3, linewidth=1.4, label=label)
-        _log_kl_axis(ax)
-        ax.set_xlabel("KL(policy || reference)  [nats]")
-        ax.set_ylabel(ylabel or "standard win rate (sample)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=9)
-    axes[0].set_title(f"{procedure}: inference-time win rate vs KL (calibrated space)")
-    axes[1].set_title("standard win rate of the same policies (calibrated space)")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def frontier_table(rows: Sequence[FrontierRow]) -> str:
-    """The frontier rows as a markdown table (one line per transform x KL target)."""
-    head = "| transform | resolved | t | beta | KL (nats) | win rate | standard win rate |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        t = "" if r.t is None else f"{r.t:.4g}"
-        lines.append(
-            f"| {r.transform} | {r.resolved} | {t} | {r.beta:.4g} | {r.kl:.4f} | "
-            f"{r.win_rate:.4f} | {r.standard_win_rate:.4f} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # --- reading a run directory ---------------------------------------------------------------------
@@ -321,74 +222,13 @@ def _theory_kls(run: dict[str, Any]) -> np.ndarray:
 # --- plots of a run ------------------------------------------------------------------------------
 
 
-def _methods(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r["method"] != "reference" and "mean" in r["kl"]:
-            out.setdefault(r["method"], []).append(r)
-    return {m: sorted(v, key=lambda r: r["kl"]["mean"]) for m, v in out.items()}
-
-
-def _winrate_panel(ax: Any, run: dict[str, Any], proc: str, curve: dict[float, float]) -> None:
-    methods = _methods(run["rows"])
-    for name, rows in methods.items():
-        rows = [r for r in rows if "mean" in r["win"].get(proc, {})]
-        if not rows:
-            continue
-        x = np.array([r["kl"]["mean"] for r in rows])
-        y = np.array([r["win"][proc]["mean"] for r in rows])
-
-        def err(vals: list[dict[str, float]], mid: np.ndarray) -> np.ndarray | None:
-            if not all("low" in v and "high" in v for v in vals):
-                return None
-            lo = np.array([v["low"] for v in vals])
-            hi = np.array([v["high"] for v in vals])
-            return np.maximum(np.stack([mid - lo, hi - mid]), 0.0)
-
-        ax.errorbar(
-            x,
-            y,
-            xerr=err([r["kl"] for r in rows], x),
-            yerr=err([r["win"][proc] for r in rows], y),
-            marker="o",
-            markersize=5,
-            capsize=3,
-            linewidth=1.4,
-            label=name,
-        )
-    if curve:
-        ax.plot(
-            list(curve),
-            list(curve.values()),
-            label="calibrated-space optimum (theory)",
-            **OPTIMUM_STYLE,
-        )
-    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="reference policy (1/2)")
-    if _log_scale(run):
-        _log_kl_axis(ax)
-    else:
-        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("measured KL(policy || reference)  [nats, sequence level]")
-    ax.set_ylabel(f"{proc} win rate vs reference")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-
-
 def plot_run_winrate(
     run: dict[str, Any], path: str | Path, curves: dict[str, dict[float, float]]
 ) -> Path:
     """Measured win rate against measured KL per method (CIs in both axes), with the theory optimum:
     one panel for the report procedure and, if evaluated, one for the standard win rate."""
-    plt = _pyplot()
     procs, head = _procedures(run)
-    panels = [head] + (["sample"] if "sample" in procs and head != "sample" else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
-    for ax, proc in zip(axes[0], panels, strict=False):
-        _winrate_panel(ax, run, proc, curves.get(proc, {}))
-        kind = "standard win rate" if proc == "sample" else "inference-time win rate"
-        ax.set_title(f"{proc}: measured {kind} vs KL")
-    fig.tight_layout()
-    return _save(fig, path)
+    return plot_winrate(run["rows"], path, curves, procs, head, log_scale=_log_scale(run))
 
 
 _TRAIN_PANELS = (

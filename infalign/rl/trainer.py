@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import random
-import shutil
 import signal
 import threading
 import time
@@ -37,27 +34,23 @@ import torch
 from tqdm.auto import tqdm
 
 from infalign.calibration import EmpiricalCalibration
-from infalign.config import RLConfig, SamplingConfig, to_dict
+from infalign.config import RLConfig, SamplingConfig
 from infalign.models import Generation, derive_seed, generate, token_logprobs
 from infalign.rewards import RewardFn, score
+from infalign.rl import checkpoint as ckpt_io
 from infalign.rl.advantages import (
     ctrl_reward,
     kl_penalized_reward,
     rloo_advantages,
     sequence_logprob,
 )
+from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.losses import policy_gradient_loss
 from infalign.transforms import Transform, parse_transform
 
-__all__ = ["CHECKPOINT_DIR", "STATE_FILE", "CTRLTrainer"]
+__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
-# fields that may change between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {"steps", "save_every"}
 
 
 class CTRLTrainer:
@@ -430,39 +423,19 @@ class CTRLTrainer:
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
-    # --- checkpoints -----------------------------------------------------------------------------
+    # --- checkpoints (files and state: infalign.rl.checkpoint) -------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        n, pps = len(self.prompts), self.rl.prompts_per_step
-        np_state: Any = np.random.get_state()  # noqa: NPY002 - the legacy global RNG is what we restore
-        sha = hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-                "numpy": [
-                    np_state[0],
-                    torch.from_numpy(np_state[1].astype(np.int64)),
-                    *np_state[2:],
-                ],
-            },
-            "prompt_order": {
-                "epoch": self.step * pps // n,
-                "position": self.step * pps % n,
-                "seed": self.rl.seed,
-                "num_prompts": n,
-                "prompts_sha256": sha,
-            },
-            "rl": to_dict(self.rl),
-            "sampling": to_dict(self.sampling),
-            "transform": "raw" if self.transform is None else str(self.transform),
-            "num_processes": self.accelerator.num_processes,
-            "versions": {"torch": str(torch.__version__)},
-        }
+        return ckpt_io.trainer_state(
+            step=self.step,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            prompts=self.prompts,
+            rl=self.rl,
+            sampling=self.sampling,
+            transform="raw" if self.transform is None else str(self.transform),
+            num_processes=self.accelerator.num_processes,
+        )
 
     def save_checkpoint(self, collective: bool = True) -> Path:
         """Write ``out_dir/checkpoint`` atomically (temp dir, then rename): the model (safetensors)
@@ -476,20 +449,13 @@ class CTRLTrainer:
         else:
             state_dict = acc.unwrap_model(self.model).state_dict()
         if acc.is_main_process:
-            tmp = self.out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-            old = self.out_dir / f"{CHECKPOINT_DIR}.old"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            acc.unwrap_model(self.model).save_pretrained(
-                tmp, state_dict=state_dict, safe_serialization=True
+            ckpt_io.write_checkpoint(
+                self.out_dir,
+                acc.unwrap_model(self.model),
+                self.tokenizer,
+                state_dict,
+                self._state(),
             )
-            self.tokenizer.save_pretrained(tmp)
-            torch.save(self._state(), tmp / STATE_FILE)
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint at step %d to %s", self.step, final)
         self._saved_step = self.step
         if collective:
@@ -499,37 +465,19 @@ class CTRLTrainer:
     def load_checkpoint(self) -> bool:
         """Restore model, optimizer, scheduler, step and RNG states from ``out_dir/checkpoint`` (or
         the ``checkpoint.old`` left by a save interrupted between its two renames). False if none."""
-        ckpt = self.out_dir / CHECKPOINT_DIR
-        if not (ckpt / STATE_FILE).is_file():
-            ckpt = self.out_dir / f"{CHECKPOINT_DIR}.old"
-        if not (ckpt / STATE_FILE).is_file():
+        ckpt = ckpt_io.find_checkpoint(self.out_dir)
+        if ckpt is None:
             log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
             return False
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        saved, now = state["rl"], to_dict(self.rl)
-        for k in sorted(set(saved) | set(now)):
-            if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k):
-                raise ValueError(
-                    f"resume: rl.{k}={now.get(k)!r} but the checkpoint in {ckpt} was trained with "
-                    f"rl.{k}={saved.get(k)!r}"
-                )
-        order = state["prompt_order"]
-        sha = hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
-        if order["num_prompts"] != len(self.prompts) or order["prompts_sha256"] != sha:
-            raise ValueError(f"resume: the training prompts differ from those of {ckpt}")
-        _load_weights(self.accelerator.unwrap_model(self.model), ckpt, self.is_peft)
+        ckpt_io.check_resumable(state, ckpt, self.rl, self.prompts)
+        ckpt_io.load_weights(self.accelerator.unwrap_model(self.model), ckpt, self.is_peft)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(_tuplify(rng["python"]))
-        npst = rng["numpy"]
-        np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))  # noqa: NPY002
+        ckpt_io.restore_rng_state(state["rng"])
         self.step = self._saved_step = int(state["step"])
         if self.accelerator.is_main_process:
-            _truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+            ckpt_io.truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -551,53 +499,6 @@ def _parse(transform: Transform | str | None) -> Transform | None:
 def _add(acc: list[float], s: float, c: float) -> None:
     acc[0] += s
     acc[1] += c
-
-
-def _tuplify(x: Any) -> Any:
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records of steps >= ``step`` (written after the checkpoint we resume from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("rl/step", -1) < step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
-
-
-def _load_weights(model: Any, ckpt: Path, is_peft: bool) -> None:
-    from safetensors.torch import load_file
-
-    if is_peft:
-        from peft import set_peft_model_state_dict
-
-        f = ckpt / "adapter_model.safetensors"
-        if not f.is_file():
-            raise ValueError(f"resume: {f} is missing")
-        res = set_peft_model_state_dict(model, load_file(str(f)))
-        unexpected = list(getattr(res, "unexpected_keys", None) or [])
-        if unexpected:
-            raise ValueError(f"resume: unexpected adapter keys {unexpected[:3]} in {f}")
-        return
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"resume: no *.safetensors model files in {ckpt}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise ValueError(f"resume: unexpected keys {unexpected[:3]} in {ckpt}")
-    # keys dropped by save_pretrained are tied to a loaded one (e.g. lm_head.weight <- wte.weight)
-    full = model.state_dict(keep_vars=True)
-    loaded_ptrs = {full[k].data_ptr() for k in sd if k in full}
-    untied = [k for k in missing if full[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"resume: checkpoint {ckpt} lacks weights {untied[:3]}")
 
 
 @contextlib.contextmanager
