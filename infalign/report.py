@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # --- reading a run directory ---------------------------------------------------------------------
 
 
+SMALL_TEST_SET = 20  # fewer test prompts than this: the report warns about its intervals
+
+
 def _num(x: Any) -> float | None:
     """A finite float from a number or a {"mean": ...} dict, else None."""
     if isinstance(x, dict):
@@ -494,6 +497,14 @@ def write_report(run_dir: str | Path) -> Path:
         f"{head} win rate at the row's measured KL (an upper bound for continuous rewards).",
         "",
     ]
+    n_test = _get(run["reference"].get("test", {}), "num_prompts")
+    if isinstance(n_test, int) and n_test < SMALL_TEST_SET:
+        md += [
+            f"> **Only {n_test} test prompts.** A bootstrap over so few prompts gives intervals "
+            "that are too narrow; read these win rates as rough (even the reference row can land "
+            "far from 1/2).",
+            "",
+        ]
     md += ["## Training", ""]
     if training is not None:
         md += ["![training curves](training.png)", "", *_training_table(run["training"]), ""]

@@ -272,3 +272,13 @@ def test_cli_bad_procedure(capsys):
     assert main(["solve", "--procedure", "bon:x", "--kl", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bon:x" in err
+
+
+def test_report_warns_about_a_small_test_set(run_dir):
+    meta_path = run_dir / "reference" / "test" / "reference.json"
+    meta = json.loads(meta_path.read_text())
+    for n, warned in ((5, True), (64, False)):
+        meta["num_prompts"] = n
+        meta_path.write_text(json.dumps(meta))
+        md = report.write_report(run_dir).read_text()
+        assert (f"Only {n} test prompts" in md) is warned
