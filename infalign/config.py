@@ -155,7 +155,8 @@ class ReferenceConfig:
 class RLConfig:
     """CTRL trainer (spec section 6): RLOO with the sequence KL inside the reward, fixed beta."""
 
-    transform: str = "identity"  # a transform spec, exp:auto / negexp:auto / optimal, or "raw"
+    # a transform spec, exp:auto / negexp:auto / optimal (optionally @KL: exp:auto@0.3), or "raw"
+    transform: str = "identity"
     beta: float = 0.1
     steps: int = 100
     prompts_per_step: int = 8
@@ -307,12 +308,14 @@ class RunConfig:
 
 
 def _check_transform_spec(path: str, spec: str) -> None:
+    from infalign.theory import split_target
     from infalign.transforms import parse_transform
 
-    name = spec.split(":")[0].strip().lower()
-    if spec in ("raw", "optimal") or (name in ("exp", "negexp") and spec.endswith(":auto")):
-        return
     try:
+        base, _ = split_target(spec)
+        name = base.split(":")[0].strip().lower()
+        if base in ("raw", "optimal") or (name in ("exp", "negexp") and base.endswith(":auto")):
+            return
         parse_transform(spec)
     except ValueError as err:
         _fail(path, spec, str(err))

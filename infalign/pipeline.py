@@ -159,7 +159,7 @@ def _resolve(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[str, Any]]
     if spec.strip().lower() == "raw":
         return None, {"spec": "raw", "resolved": "raw", "transform": None}
     auto = _needs_theory(spec)
-    proc, kl = cfg.report.procedure, cfg.rl.target_kl
+    proc, kl = cfg.report.procedure, theory.split_target(spec)[1] or cfg.rl.target_kl
     tf = theory.resolve_transform(spec, proc, kl=kl)
     info: dict[str, Any] = {"spec": spec, "resolved": str(tf), "t": getattr(tf, "t", None)}
     if auto:

@@ -298,7 +298,7 @@ def _reference_cfg(cfg: RunConfig, split: str) -> dict[str, Any]:
 
 
 def _needs_theory(spec: str) -> bool:
-    s = spec.strip().lower()
+    s = spec.strip().lower().partition("@")[0]
     return s == "optimal" or s.endswith(":auto")
 
 
@@ -320,7 +320,8 @@ def _train_cfg(cfg: RunConfig, method: MethodConfig, beta: float) -> dict[str, A
         "rl": rl_d,
     }
     if _needs_theory(method.transform):  # the transform is resolved for this procedure and KL
-        out["rl"]["target_kl"] = cfg.rl.target_kl
+        if "@" not in method.transform:  # (a pinned exp:auto@KL carries its own KL)
+            out["rl"]["target_kl"] = cfg.rl.target_kl
         out["report"] = {"procedure": cfg.report.procedure}
     return out
 

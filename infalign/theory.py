@@ -47,6 +47,7 @@ __all__ = [
     "optimal_policy",
     "recommend",
     "resolve_transform",
+    "split_target",
 ]
 
 MAX_KL = 12.0  # beyond this the tilted densities are narrower than the grid resolves reliably
@@ -291,7 +292,8 @@ def _family_win_rates(
     lam = _lambda_for_kl(phi, kl)
     ok = np.isfinite(lam)
     w = np.full(kl.shape, -np.inf)
-    w[ok] = _win_rates(_tilt(phi[ok], lam[ok])[0], procedure)
+    if ok.any():  # (golden-section probes can all lie past the edge of reachability)
+        w[ok] = _win_rates(_tilt(phi[ok], lam[ok])[0], procedure)
     return w, lam
 
 
@@ -542,11 +544,34 @@ def frontier(
     return out
 
 
+def split_target(spec: str) -> tuple[str, float | None]:
+    """``"exp:auto@0.3"`` -> ``("exp:auto", 0.3)``; a spec without ``@KL`` -> ``(spec, None)``.
+
+    The suffix pins the KL at which ``exp:auto`` / ``negexp:auto`` / ``optimal`` are resolved, so one
+    recipe can sweep KL budgets (each with its own t or fixed-point Phi). ValueError names the spec.
+    """
+    base, at, kl = spec.partition("@")
+    if not at:
+        return spec, None
+    if _auto_family(base) is None and base.strip().lower() != "optimal":
+        raise ValueError(f"transform {spec!r}: '@KL' only follows exp:auto, negexp:auto or optimal")
+    try:
+        k = float(kl)
+    except ValueError:
+        raise ValueError(f"transform {spec!r}: {kl!r} after '@' is not a number") from None
+    if not 0 < k <= MAX_KL:
+        raise ValueError(f"transform {spec!r}: the KL after '@' must be in (0, {MAX_KL:g}] nats")
+    return base.strip(), k
+
+
 def resolve_transform(spec: str | Transform, procedure: Procedure | str, kl: float) -> Transform:
     """A transform spec with the theory filled in: ``exp:auto``/``negexp:auto`` get the best t at
-    that KL, ``optimal`` the tabulated fixed-point Phi; anything else is ``parse_transform``."""
+    that KL, ``optimal`` the tabulated fixed-point Phi; anything else is ``parse_transform``.
+    A ``@KL`` suffix (``exp:auto@0.3``) overrides ``kl``."""
     if isinstance(spec, Transform):
         return spec
+    spec, pinned = split_target(spec)
+    kl = kl if pinned is None else pinned
     fam = _auto_family(spec)
     if fam is not None:
         return fam(best_t(fam, procedure, kl))  # type: ignore[call-arg]

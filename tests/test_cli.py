@@ -187,6 +187,10 @@ BAD = {
         lambda a: {"methods": "[{name: bad, transform: 'expo:3', betas: [0.1]}]"},
         ["methods[0].transform='expo:3'", "unknown transform"],
     ),
+    "KL pin on a fixed transform": (
+        lambda a: {"methods": "[{name: bad, transform: 'identity@0.3', betas: [0.1]}]"},
+        ["methods[0].transform='identity@0.3'", "only follows"],
+    ),
     "unknown procedure": (
         lambda a: {"evaluate.procedures": "sample,bestof:4"},
         ["evaluate.procedures[1]='bestof:4'", "unknown procedure"],

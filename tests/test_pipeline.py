@@ -77,6 +77,13 @@ def test_resolve_transforms(assets, tmp_path):
     # the stage config records the procedure and KL only where they change the transform
     assert "report" in pipeline._train_cfg(cfg, MethodConfig("m", "optimal"), 0.1)
     assert "report" not in pipeline._train_cfg(cfg, MethodConfig("m", "exp:3"), 0.1)
+    # a pinned KL (exp:auto@KL) wins over rl.target_kl, and rl.target_kl leaves its stage key alone
+    tf, info = pipeline._resolve(cfg, MethodConfig("m", "negexp:auto@1.5"))
+    assert info["target_kl"] == 1.5
+    assert info["t"] == pytest.approx(theory.best_t("negexp", "won:4", 1.5))
+    pinned = MethodConfig("m", "negexp:auto@1.5")
+    other = _cfg(assets, tmp_path / "r", **{"rl.target_kl": 0.8, "report.procedure": "won:4"})
+    assert pipeline._train_cfg(cfg, pinned, 0.1) == pipeline._train_cfg(other, pinned, 0.1)
 
 
 def test_changed_stage_config_is_an_error_naming_the_field(assets, tmp_path):

@@ -241,3 +241,23 @@ def test_optimum_out_of_reach_is_a_clear_error_and_skipped_in_frontier():
     assert [round(r.kl, 6) for r in rows] == [1.0]
     with pytest.raises(ValueError, match="out of reach"):
         optimal_policy("won:4", kl=6.0)
+
+
+def test_pinned_kl_suffix_resolves_at_that_kl() -> None:
+    from infalign.theory import best_t, split_target
+
+    assert split_target("exp:auto@0.3") == ("exp:auto", 0.3)
+    assert split_target("identity") == ("identity", None)
+    pinned = resolve_transform("exp:auto@0.3", "bon:4", 2.0)
+    assert isinstance(pinned, Exp) and pinned.t == best_t(Exp, "bon:4", 0.3)
+    assert pinned != resolve_transform("exp:auto", "bon:4", 2.0)
+    opt = resolve_transform("optimal@1", "won:4", 0.1)
+    assert opt == resolve_transform("optimal", "won:4", 1.0)
+    for bad, why in [
+        ("identity@0.3", "only follows"),
+        ("exp:auto@x", "not a number"),
+        ("exp:auto@0", "must be in"),
+        ("optimal@99", "must be in"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            split_target(bad)

@@ -1,0 +1,465 @@
+"""The paper's claims on the offline testbed: CTRL sweeps over methods x KL budgets x seeds.
+
+Per task (``helpful``: best-of-4 is deployed; ``harmless``: worst-of-4 is the threat), on the shipped
+reference LM and ``recipes/claims.yaml``, it trains and evaluates five methods at four KL budgets,
+three seeds each:
+
+    raw       raw-reward RLHF, beta = identity's beta x s (s: the reward's within-prompt std / std U)
+    identity  calibrated identity, Phi(u) = u
+    log       Phi(u) = log max(u, 0.01) (the BoN-style tilt; eps ~ 1/K keeps u = 0 finite)
+    exp       exp:auto@KL (helpful) or negexp:auto@KL (harmless): t from the theory at each budget
+    optimal   optimal@KL: the tabulated fixed-point Phi at each budget
+
+At each target KL k in ``--kls`` the beta is the calibrated-space beta reaching k
+(``theory.beta_for_kl``), so the targets span the measured KL range; the *measured* KL is what counts.
+Seed s sets ``rl.seed`` and ``evaluate.seed``; the reference artifacts (``seed: 0``) are computed once
+and copied to every seed's run directory. Work runs in ``--jobs`` single-threaded processes.
+
+    python benchmarks/claims.py run --task helpful          # 63 train+eval units, ~40 min on 2 cores
+    python benchmarks/claims.py run --task harmless
+    python benchmarks/claims.py ablate-k --task helpful     # K = 16, 256 (K = 64 is the sweep's)
+    python benchmarks/claims.py summarize                   # tables + figures into docs/results/
+
+``summarize`` reads whatever has finished: per seed, each method's win rate is interpolated linearly in
+log KL at KL 0.25, 0.5 and 1 (only inside the measured range); across seeds it reports the mean and a
+95% t-interval (S - 1 degrees of freedom), and paired per-seed differences between methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "claims.yaml"
+RESULTS = ROOT / "docs" / "results"
+KLS = (0.1, 0.3, 0.8, 2.0)
+AT = (0.25, 0.5, 1.0)
+FAMILIES = ("raw", "identity", "log", "exp", "optimal")
+TASK_PROC = {"helpful": ("bon:4", "exp"), "harmless": ("won:4", "negexp")}
+LOG_SPEC = "log:0.01"
+
+
+def _kl_tag(k: float) -> str:
+    return f"kl{k:g}"
+
+
+def run_dir(out: Path, task: str, seed: int, k: int | None = None) -> Path:
+    return out / (task if k is None else f"{task}-K{k}") / f"seed{seed}"
+
+
+def _overrides(task: str, out: Path, seed: int, k: int | None) -> dict[str, Any]:
+    proc = TASK_PROC[task][0]
+    ov: dict[str, Any] = {
+        "task": task,
+        "out": str(run_dir(out, task, seed, k)),
+        "rl.seed": seed,
+        "evaluate.seed": seed,
+        "evaluate.procedures": ["sample", proc],
+        "report.procedure": proc,
+        "report.title": f"claims: {task}, {proc}, seed {seed}" + ("" if k is None else f", K={k}"),
+    }
+    if k is not None:
+        ov["reference.num_samples"] = k
+    return ov
+
+
+def methods(task: str, kls: tuple[float, ...], raw_scale: float) -> list[dict[str, Any]]:
+    """The sweep's method list: one method per fixed transform (betas for each KL target), one method
+    per KL target for the KL-dependent transforms (exp:auto@k, optimal@k)."""
+    from infalign import theory
+    from infalign.transforms import parse_transform
+
+    proc, fam = TASK_PROC[task]
+
+    def beta(spec: str, k: float) -> float:
+        tf = theory.resolve_transform(spec, proc, kl=k)
+        return float(f"{theory.beta_for_kl(tf, k):.4g}")
+
+    ident = [beta("identity", k) for k in kls]
+    out = [
+        {
+            "name": "raw",
+            "transform": "raw",
+            "betas": [float(f"{b * raw_scale:.4g}") for b in ident],
+        },
+        {"name": "identity", "transform": "identity", "betas": ident},
+        {"name": "log", "transform": LOG_SPEC, "betas": [beta(LOG_SPEC, k) for k in kls]},
+    ]
+    parse_transform(LOG_SPEC)
+    for spec, name in ((f"{fam}:auto", "exp"), ("optimal", "optimal")):
+        for k in kls:
+            s = f"{spec}@{k:g}"
+            out.append({"name": f"{name}-{_kl_tag(k)}", "transform": s, "betas": [beta(s, k)]})
+    return out
+
+
+def raw_scale(ref_dir: Path) -> float:
+    """Mean within-prompt std of the raw reference rewards over the std of U[0, 1] (1 / sqrt 12):
+    the factor that puts raw-reward betas on the calibrated scale."""
+    from infalign.reference import ReferenceSet
+
+    r = ReferenceSet.load(ref_dir).rewards.double()
+    return float(r.std(dim=1).mean() * math.sqrt(12))
+
+
+def _load(task: str, out: Path, seed: int, k: int | None, meths: list[dict[str, Any]]) -> Any:
+    from infalign.config import load_config
+
+    return load_config(RECIPE, {**_overrides(task, out, seed, k), "methods": meths})
+
+
+def _work(
+    task: str, out: str, seed: int, k: int | None, meths: list[dict[str, Any]], job: Any
+) -> str:
+    """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref)."""
+    import torch
+
+    from infalign import pipeline
+
+    torch.set_num_threads(1)
+    cfg = _load(task, Path(out), seed, k, meths)
+    t0 = time.perf_counter()
+    if job is None:
+        pipeline.run_evaluate(cfg, None)
+        return f"seed {seed} K={k}: reference evaluated in {time.perf_counter() - t0:.0f} s"
+    name, b = job
+    pipeline.run_train(cfg, name, b)
+    pipeline.run_evaluate(cfg, name, b)
+    return f"seed {seed} K={k}: {name} beta={b:g} in {time.perf_counter() - t0:.0f} s"
+
+
+def _references(task: str, out: Path, seeds: list[int], k: int | None) -> float:
+    """Reference artifacts once (seed 0 of the run tree), copied to the other seeds; raw scale."""
+    from infalign import pipeline
+
+    first = _load(task, out, seeds[0], k, methods(task, KLS, 1.0))
+    for split in ("train", "test"):
+        pipeline.run_reference(first, split)
+    src = Path(first.out) / "reference"
+    for s in seeds[1:]:
+        dst = run_dir(out, task, s, k) / "reference"
+        if not dst.is_dir():
+            shutil.copytree(src, dst)
+    return raw_scale(src / "train")
+
+
+def _run_units(units: list[tuple[Any, ...]], jobs: int) -> None:
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_work, *u) for u in units]
+        for i, f in enumerate(as_completed(futures), 1):
+            print(f"[{i}/{len(units)} {time.perf_counter() - t0:.0f} s] {f.result()}", flush=True)
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    out, seeds = Path(a.out), list(a.seeds)
+    scale = _references(a.task, out, seeds, None)
+    meths = methods(a.task, tuple(a.kls), scale)
+    print(f"{a.task}: raw-reward scale {scale:.3f}; methods:", flush=True)
+    for m in meths:
+        print(f"  {m['name']:<16} {m['transform']:<18} betas {m['betas']}", flush=True)
+    units: list[tuple[Any, ...]] = []
+    for s in seeds:
+        units.append((a.task, str(out), s, None, meths, None))
+        units += [
+            (a.task, str(out), s, None, meths, (m["name"], b)) for m in meths for b in m["betas"]
+        ]
+    _run_units(units, a.jobs)
+    _write_results(a.task, out, seeds, None, meths)
+
+
+def cmd_ablate_k(a: argparse.Namespace) -> None:
+    out, seeds = Path(a.out), list(a.seeds)
+    fam = TASK_PROC[a.task][1]
+    units: list[tuple[Any, ...]] = []
+    for k in a.ks:
+        _references(a.task, out, seeds, k)
+        spec = f"{fam}:auto@{a.kl:g}"
+        proc = TASK_PROC[a.task][0]
+        from infalign import theory
+
+        b = float(f"{theory.beta_for_kl(theory.resolve_transform(spec, proc, a.kl), a.kl):.4g}")
+        meths = [{"name": f"exp-{_kl_tag(a.kl)}", "transform": spec, "betas": [b]}]
+        units += [(a.task, str(out), s, k, meths, (meths[0]["name"], b)) for s in seeds]
+        units += [(a.task, str(out), s, k, meths, None) for s in seeds]
+    _run_units(units, a.jobs)
+    for k in a.ks:
+        _write_results(a.task, out, seeds, k, meths)
+
+
+def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths: Any) -> None:
+    from infalign import pipeline
+
+    for s in seeds:
+        pipeline.write_results(_load(task, out, s, k, meths))
+
+
+# --- summarize ---------------------------------------------------------------------------------
+
+
+def _family(method: str) -> str:
+    return method.split("-kl")[0]
+
+
+def load_rows(out: Path, task: str, k: int | None = None) -> dict[int, list[dict[str, Any]]]:
+    """{seed: results.json rows} for every seed directory that has results."""
+    base = out / (task if k is None else f"{task}-K{k}")
+    rows = {}
+    for d in sorted(base.glob("seed*")):
+        f = d / "results.json"
+        if f.is_file():
+            rows[int(d.name.removeprefix("seed"))] = json.loads(f.read_text())["rows"]
+    return rows
+
+
+def curves(rows: list[dict[str, Any]], proc: str) -> dict[str, np.ndarray]:
+    """{family: (n, 3) [kl, win(proc), win(sample)] sorted by KL} from one seed's rows."""
+    acc: dict[str, list[list[float]]] = {}
+    for r in rows:
+        if r["method"] == "reference":
+            continue
+        w = r["win_rate"][proc]["mean"]
+        acc.setdefault(_family(r["method"]), []).append(
+            [r["kl"]["mean"], w, r["standard_win_rate"]["mean"]]
+        )
+    return {f: np.array(sorted(v)) for f, v in acc.items()}
+
+
+def interp(c: np.ndarray, at: float, col: int) -> float:
+    """Linear interpolation of column ``col`` in log KL; NaN outside the measured KL range."""
+    kl = c[:, 0]
+    if c.shape[0] < 2 or not (kl.min() <= at <= kl.max()):
+        return float("nan")
+    order = np.argsort(kl)
+    return float(np.interp(math.log(at), np.log(kl[order]), c[order, col]))
+
+
+def t_interval(x: np.ndarray) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the finite values: 95% Student-t interval across seeds."""
+    from scipy import stats
+
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return (float("nan"),) * 3 + (0,)  # type: ignore[return-value]
+    m = float(x.mean())
+    if x.size == 1:
+        return m, float("nan"), float("nan"), 1
+    h = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return m, m - h, m + h, int(x.size)
+
+
+def _fmt(m: float, lo: float, hi: float, n: int, nd: int = 3) -> str:
+    if not math.isfinite(m):
+        return "—"
+    if not math.isfinite(lo):
+        return f"{m:.{nd}f} (n={n})"
+    return f"{m:.{nd}f} [{lo:.{nd}f}, {hi:.{nd}f}]" + ("" if n == 3 else f" (n={n})")
+
+
+def summarize_task(out: Path, task: str) -> dict[str, Any]:
+    from infalign import theory
+
+    proc, fam = TASK_PROC[task]
+    per_seed = load_rows(out, task)
+    if not per_seed:
+        return {}
+    cs = {s: curves(rows, proc) for s, rows in per_seed.items()}
+    fams = [f for f in FAMILIES if any(f in c for c in cs.values())]
+    table: dict[str, Any] = {}
+    for f in fams:
+        for col, what in ((1, proc), (2, "sample")):
+            vals = np.array(
+                [[interp(c[f], k, col) if f in c else np.nan for k in AT] for c in cs.values()]
+            )
+            table.setdefault(f, {})[what] = [t_interval(vals[:, j]) for j in range(len(AT))]
+    diffs: dict[str, Any] = {}
+    for a, b in (("exp", "identity"), ("exp", "raw"), ("identity", "raw"), ("optimal", "identity")):
+        for col, what in ((1, proc), (2, "sample")):
+            d = np.array(
+                [
+                    [
+                        interp(c[a], k, col) - interp(c[b], k, col) if a in c and b in c else np.nan
+                        for k in AT
+                    ]
+                    for c in cs.values()
+                ]
+            )
+            diffs[f"{a} - {b} [{what}]"] = [t_interval(d[:, j]) for j in range(len(AT))]
+    bound = {k: float(theory.optimal_policy(proc, kl=k).win_rate(proc)) for k in AT}
+    predicted = {}
+    for spec in ("identity", f"{fam}:auto", LOG_SPEC):
+        rows = theory.frontier(proc, [spec], list(AT))
+        predicted[spec] = {r.kl: r.win_rate for r in rows}
+    ref = [r for rows in per_seed.values() for r in rows if r["method"] == "reference"]
+    return {
+        "task": task,
+        "procedure": proc,
+        "seeds": sorted(per_seed),
+        "at_kl": AT,
+        "table": table,
+        "diffs": diffs,
+        "bound": bound,
+        "predicted": {k: {f"{kk:g}": v for kk, v in d.items()} for k, d in predicted.items()},
+        "reference": [(r["win_rate"][proc]["mean"], r["standard_win_rate"]["mean"]) for r in ref],
+        "points": {str(s): {f: c[f].tolist() for f in c} for s, c in cs.items()},
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    proc, at = summary["procedure"], summary["at_kl"]
+    head = " | ".join(f"KL {k:g}" for k in at)
+    lines = [
+        f"**{summary['task']} / {proc}**, seeds {summary['seeds']}: win rate interpolated at each KL, mean "
+        "[95% t-interval over seeds]; — where the KL is outside a seed's measured range.",
+        "",
+        f"| method | win rate | {head} |",
+        "|---|---|" + "---|" * len(at),
+    ]
+    for f, d in summary["table"].items():
+        for what in (proc, "sample"):
+            cells = " | ".join(_fmt(*x) for x in d[what])
+            lines.append(f"| {f} | {what} | {cells} |")
+    cells = " | ".join(f"{summary['bound'][k]:.3f}" for k in at)
+    lines.append(f"| *theory optimum* | {proc} | {cells} |")
+    for spec, d in summary["predicted"].items():
+        cells = " | ".join(f"{d[f'{k:g}']:.3f}" if f"{k:g}" in d else "—" for k in at)
+        lines.append(f"| *theory {spec}* | {proc} | {cells} |")
+    lines += [
+        "",
+        f"Paired differences (per seed, then across seeds), {proc} and standard win rate:",
+        "",
+    ]
+    lines += [f"| difference | {head} |", "|---|" + "---|" * len(at)]
+    for name, d in summary["diffs"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(*x) for x in d) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from infalign import theory
+
+    proc = summary["procedure"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = dict(
+        zip(FAMILIES, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple"), strict=True)
+    )
+    grid = np.geomspace(0.05, 3.0, 40)
+    for ax, col, what in ((axes[0], 1, proc), (axes[1], 2, "sample")):
+        for s, fams in summary["points"].items():
+            for f, pts in fams.items():
+                p = np.array(pts)
+                ax.plot(
+                    p[:, 0],
+                    p[:, col],
+                    "o-",
+                    color=colors.get(f, "k"),
+                    alpha=0.6,
+                    ms=4,
+                    lw=1,
+                    label=f if s == str(summary["seeds"][0]) else None,
+                )
+        if what == proc:
+            opt = [r for r in theory.frontier(proc, ["optimal"], grid)]
+            ax.plot(
+                [r.kl for r in opt],
+                [r.win_rate for r in opt],
+                "k--",
+                lw=1.2,
+                label="theory optimum",
+            )
+        else:
+            idt = theory.frontier("sample", ["identity"], grid)
+            ax.plot(
+                [r.kl for r in idt],
+                [r.win_rate for r in idt],
+                "k--",
+                lw=1.2,
+                label="theory optimum",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("measured KL(pi || pi_ref) per sequence [nats]")
+        ax.set_ylabel(f"{what} win rate vs pi_ref")
+        ax.axhline(0.5, color="0.8", lw=0.8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{summary['task']}: measured win rate vs KL, 3 seeds (one line per seed and method)"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize_k(out: Path, task: str, ks: list[int], kl: float) -> str:
+    proc = TASK_PROC[task][0]
+    lines = [f"| K | {proc} win rate | standard win rate | KL | seeds |", "|---|---|---|---|---|"]
+    for k in ks:
+        per_seed = load_rows(out, task, None if k == 64 else k)
+        name = f"exp-{_kl_tag(kl)}"
+        rows = [r for rs in per_seed.values() for r in rs if r["method"] == name]
+        if not rows:
+            continue
+        w = t_interval(np.array([r["win_rate"][proc]["mean"] for r in rows]))
+        sw = t_interval(np.array([r["standard_win_rate"]["mean"] for r in rows]))
+        kv = t_interval(np.array([r["kl"]["mean"] for r in rows]))
+        lines.append(f"| {k} | {_fmt(*w)} | {_fmt(*sw)} | {_fmt(*kv, nd=2)} | {len(rows)} |")
+    return "\n".join(lines)
+
+
+def cmd_summarize(a: argparse.Namespace) -> None:
+    out = Path(a.out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for task in TASK_PROC:
+        s = summarize_task(out, task)
+        if not s:
+            continue
+        (RESULTS / f"claims-{task}.json").write_text(json.dumps(s, indent=1) + "\n")
+        plot(s, RESULTS / f"claims-{task}.png")
+        md = markdown(s)
+        (RESULTS / f"claims-{task}.md").write_text(md + "\n")
+        print(md + "\n")
+    kmd = summarize_k(out, "helpful", [16, 64, 256], 0.8)
+    (RESULTS / "claims-k-ablation.md").write_text(kmd + "\n")
+    print(kmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "ablate-k", "summarize"):
+        q = sub.add_parser(name)
+        q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
+        if name != "summarize":
+            q.add_argument("--task", choices=sorted(TASK_PROC), default="helpful")
+            q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+            q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+        if name == "run":
+            q.add_argument("--kls", type=float, nargs="+", default=list(KLS))
+        if name == "ablate-k":
+            q.add_argument("--ks", type=int, nargs="+", default=[16, 256])
+            q.add_argument("--kl", type=float, default=0.8)
+    a = p.parse_args(argv)
+    {"run": cmd_run, "ablate-k": cmd_ablate_k, "summarize": cmd_summarize}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
