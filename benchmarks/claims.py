@@ -67,7 +67,8 @@ def _overrides(task: str, out: Path, seed: int, k: int | None) -> dict[str, Any]
         "evaluate.seed": seed,
         "evaluate.procedures": ["sample", proc],
         "report.procedure": proc,
-        "report.title": f"claims: {task}, {proc}, seed {seed}" + ("" if k is None else f", K={k}"),
+        "report.title": f"claims sweep, {task}, {proc}, seed {seed}"
+        + ("" if k is None else f", K={k}"),
     }
     if k is not None:
         ov["reference.num_samples"] = k
@@ -113,14 +114,33 @@ def raw_scale(ref_dir: Path) -> float:
     return float(r.std(dim=1).mean() * math.sqrt(12))
 
 
-def _load(task: str, out: Path, seed: int, k: int | None, meths: list[dict[str, Any]]) -> Any:
+def _load(
+    task: str,
+    out: Path,
+    seed: int,
+    k: int | None,
+    meths: list[dict[str, Any]],
+    tag: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """The RunConfig of one seed's run directory (``out/<tag>/seed<s>`` when ``tag`` is given)."""
     from infalign.config import load_config
 
-    return load_config(RECIPE, {**_overrides(task, out, seed, k), "methods": meths})
+    ov = {**_overrides(task, out, seed, k), "methods": meths, **(extra or {})}
+    if tag is not None:
+        ov["out"] = str(out / tag / f"seed{seed}")
+    return load_config(RECIPE, ov)
 
 
 def _work(
-    task: str, out: str, seed: int, k: int | None, meths: list[dict[str, Any]], job: Any
+    task: str,
+    out: str,
+    seed: int,
+    k: int | None,
+    meths: list[dict[str, Any]],
+    job: Any,
+    tag: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref)."""
     import torch
@@ -128,7 +148,7 @@ def _work(
     from infalign import pipeline
 
     torch.set_num_threads(1)
-    cfg = _load(task, Path(out), seed, k, meths)
+    cfg = _load(task, Path(out), seed, k, meths, tag, extra)
     t0 = time.perf_counter()
     if job is None:
         pipeline.run_evaluate(cfg, None)
@@ -198,6 +218,25 @@ def cmd_ablate_k(a: argparse.Namespace) -> None:
     _run_units(units, a.jobs)
     for k in a.ks:
         _write_results(a.task, out, seeds, k, meths)
+
+
+def cmd_ablate_steps(a: argparse.Namespace) -> None:
+    """The same KL-regularised objective with a 4x smaller learning rate for 4x the steps (same
+    samples per step): does the measured point move toward the calibrated-space optimum?"""
+    out, seeds = Path(a.out), list(a.seeds)
+    scale = _references(a.task, out, seeds, None)
+    keep = ("identity", f"exp-{_kl_tag(a.kl)}")
+    meths = [m for m in methods(a.task, (a.kl,), scale) if m["name"] in keep]
+    tag = f"{a.task}-steps{a.steps}"
+    extra = {"rl.steps": a.steps, "rl.lr": a.lr, "rl.save_every": a.steps}
+    units: list[tuple[Any, ...]] = []
+    for s in seeds:
+        dst = out / tag / f"seed{s}" / "reference"
+        if not dst.is_dir():
+            shutil.copytree(run_dir(out, a.task, s) / "reference", dst)
+        for m in meths:
+            units.append((a.task, str(out), s, None, meths, (m["name"], m["betas"][0]), tag, extra))
+    _run_units(units, a.jobs)
 
 
 def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths: Any) -> None:
@@ -425,6 +464,53 @@ def summarize_k(out: Path, task: str, ks: list[int], kl: float) -> str:
     return "\n".join(lines)
 
 
+def train_vs_test(out: Path, task: str, last: int = 5) -> str:
+    """Where the gap to the optimum arises: per family, averaged over seeds and betas, the on-policy
+    mean calibrated reward E[u] and KL of the last ``last`` training steps (train prompts) against the
+    most any policy can have at that KL (the identity tilt maximises E[u]: theory ``sample`` optimum),
+    and the same on the held-out prompts (standard win rate = E[u] against fresh pi_ref samples)."""
+    from infalign import theory
+
+    acc: dict[str, list[tuple[float, float, float, float]]] = {}
+    for d in sorted((out / task).glob("seed*")):
+        f = d / "results.json"
+        if not f.is_file():
+            continue
+        for r in json.loads(f.read_text())["rows"]:
+            if r["method"] == "reference" or not r.get("train"):
+                continue
+            lines = (d / r["train"] / "metrics.jsonl").read_text().splitlines()
+            m = [json.loads(x) for x in lines if x.strip()][-last:]
+            tr_kl = float(np.mean([x["rl/kl_seq"] for x in m]))
+            tr_u = float(np.mean([x["rl/reward_calibrated"] for x in m]))
+            acc.setdefault(_family(r["method"]), []).append(
+                (tr_kl, tr_u, r["kl"]["mean"], r["standard_win_rate"]["mean"])
+            )
+
+    def bound(kl: float) -> float:
+        if not kl > 0:
+            return 0.5
+        rows = theory.frontier("sample", ["identity"], [min(kl, theory.MAX_KL)])
+        return rows[0].win_rate if rows else float("nan")
+
+    lines = [
+        "| method | runs | train KL | train E[u] | optimum at train KL | test KL | test E[u] "
+        "| optimum at test KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for fam in FAMILIES:
+        if fam not in acc:
+            continue
+        v = np.array(acc[fam])
+        b_tr = np.mean([bound(k) for k in v[:, 0]])
+        b_te = np.mean([bound(k) for k in v[:, 2]])
+        lines.append(
+            f"| {fam} | {len(v)} | {v[:, 0].mean():.2f} | {v[:, 1].mean():.3f} | {b_tr:.3f} "
+            f"| {v[:, 2].mean():.2f} | {v[:, 3].mean():.3f} | {b_te:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def cmd_summarize(a: argparse.Namespace) -> None:
     out = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -434,7 +520,7 @@ def cmd_summarize(a: argparse.Namespace) -> None:
             continue
         (RESULTS / f"claims-{task}.json").write_text(json.dumps(s, indent=1) + "\n")
         plot(s, RESULTS / f"claims-{task}.png")
-        md = markdown(s)
+        md = markdown(s) + "\n\nTrain vs held-out (gap analysis):\n\n" + train_vs_test(out, task)
         (RESULTS / f"claims-{task}.md").write_text(md + "\n")
         print(md + "\n")
     kmd = summarize_k(out, "helpful", [16, 64, 256], 0.8)
@@ -445,7 +531,7 @@ def cmd_summarize(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "ablate-k", "summarize"):
+    for name in ("run", "ablate-k", "ablate-steps", "summarize"):
         q = sub.add_parser(name)
         q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
         if name != "summarize":
@@ -454,11 +540,16 @@ def main(argv: list[str] | None = None) -> None:
             q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
         if name == "run":
             q.add_argument("--kls", type=float, nargs="+", default=list(KLS))
+        if name == "ablate-steps":
+            q.add_argument("--steps", type=int, default=120)
+            q.add_argument("--lr", type=float, default=2.5e-5)
+            q.add_argument("--kl", type=float, default=0.8)
         if name == "ablate-k":
             q.add_argument("--ks", type=int, nargs="+", default=[16, 256])
             q.add_argument("--kl", type=float, default=0.8)
     a = p.parse_args(argv)
-    {"run": cmd_run, "ablate-k": cmd_ablate_k, "summarize": cmd_summarize}[a.cmd](a)
+    cmds = {"run": cmd_run, "ablate-k": cmd_ablate_k, "ablate-steps": cmd_ablate_steps}
+    cmds.get(a.cmd, cmd_summarize)(a)
 
 
 if __name__ == "__main__":
