@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow setup-smollm2 bench lint clean assets
+.PHONY: setup demo test test-slow setup-smollm2 bench claims lint clean assets
 
 $(BIN)/infalign: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -38,10 +38,20 @@ setup-smollm2: setup
 test-slow: setup-smollm2
 	$(BIN)/pytest -q -m slow
 
+# The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, trainer vs TRL.
 bench: setup
 	$(BIN)/python benchmarks/theory.py
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/trainer.py
+
+# The paper's claims on the offline testbed (docs/results.md): about 3 hours on 2 cores.
+claims: setup
+	$(BIN)/python benchmarks/claims.py run --task helpful
+	$(BIN)/python benchmarks/claims.py run --task harmless
+	$(BIN)/python benchmarks/claims.py ablate-k --task helpful
+	$(BIN)/python benchmarks/claims.py ablate-steps --task helpful --seeds 0
+	$(BIN)/python benchmarks/claims.py summarize
 
 lint: setup
 	$(BIN)/ruff check infalign tests benchmarks

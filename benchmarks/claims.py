@@ -220,6 +220,10 @@ def cmd_ablate_k(a: argparse.Namespace) -> None:
         _write_results(a.task, out, seeds, k, meths)
 
 
+def steps_tag(task: str, steps: int, lr: float) -> str:
+    return f"{task}-steps{steps}-lr{lr:g}"
+
+
 def cmd_ablate_steps(a: argparse.Namespace) -> None:
     """The same KL-regularised objective with a 4x smaller learning rate for 4x the steps (same
     samples per step): does the measured point move toward the calibrated-space optimum?"""
@@ -227,7 +231,7 @@ def cmd_ablate_steps(a: argparse.Namespace) -> None:
     scale = _references(a.task, out, seeds, None)
     keep = ("identity", f"exp-{_kl_tag(a.kl)}")
     meths = [m for m in methods(a.task, (a.kl,), scale) if m["name"] in keep]
-    tag = f"{a.task}-steps{a.steps}"
+    tag = steps_tag(a.task, a.steps, a.lr)
     extra = {"rl.steps": a.steps, "rl.lr": a.lr, "rl.save_every": a.steps}
     units: list[tuple[Any, ...]] = []
     for s in seeds:
@@ -511,6 +515,43 @@ def train_vs_test(out: Path, task: str, last: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _last(d: Path, train: str, key: str, last: int = 5) -> float:
+    lines = (d / train / "metrics.jsonl").read_text().splitlines()
+    return float(np.mean([json.loads(x)[key] for x in lines if x.strip()][-last:]))
+
+
+def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
+    """identity and exp at the ``kl`` target: the sweep's 30 steps vs the ``ablate-steps`` runs."""
+    proc = TASK_PROC[task][0]
+    lines = [
+        f"| steps | lr | method | beta | test KL | {proc} win rate [95% CI] | standard win rate "
+        "[95% CI] | train E[u] (last 5 steps) | train KL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = [(30, 1e-4, out / task / f"seed{seed}")]
+    for d in sorted(out.glob(f"{task}-steps*-lr*")):
+        steps, lr = d.name.removeprefix(f"{task}-steps").split("-lr")
+        runs.append((int(steps), float(lr), d / f"seed{seed}"))
+    want = {"identity": None, f"exp-{_kl_tag(kl)}": None}
+    idt_beta = methods(task, (kl,), 1.0)[1]["betas"][0]
+    for steps, lr, d in runs:
+        f = d / "results.json"
+        if not f.is_file():
+            continue
+        for r in json.loads(f.read_text())["rows"]:
+            if r["method"] not in want or (r["method"] == "identity" and r["beta"] != idt_beta):
+                continue
+            w, sw = r["win_rate"][proc], r["standard_win_rate"]
+            lines.append(
+                f"| {steps} | {lr:g} | {r['method']} | {r['beta']:g} | {r['kl']['mean']:.2f} "
+                f"| {w['mean']:.3f} [{w['low']:.3f}, {w['high']:.3f}] "
+                f"| {sw['mean']:.3f} [{sw['low']:.3f}, {sw['high']:.3f}] "
+                f"| {_last(d, r['train'], 'rl/reward_calibrated'):.3f} "
+                f"| {_last(d, r['train'], 'rl/kl_seq'):.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def cmd_summarize(a: argparse.Namespace) -> None:
     out = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -526,6 +567,9 @@ def cmd_summarize(a: argparse.Namespace) -> None:
     kmd = summarize_k(out, "helpful", [16, 64, 256], 0.8)
     (RESULTS / "claims-k-ablation.md").write_text(kmd + "\n")
     print(kmd)
+    smd = summarize_steps(out, "helpful", 0.8)
+    (RESULTS / "claims-steps-ablation.md").write_text(smd + "\n")
+    print("\n" + smd)
 
 
 def main(argv: list[str] | None = None) -> None:
