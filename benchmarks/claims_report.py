@@ -141,6 +141,10 @@ def markdown(summary: dict[str, Any]) -> str:
         for what in (proc, "sample"):
             cells = " | ".join(_fmt(*x) for x in d[what])
             lines.append(f"| {f} | {what} | {cells} |")
+    ref = np.array(summary["reference"])
+    for j, what in ((0, proc), (1, "sample")):
+        r = _fmt(*t_interval(ref[:, j]))
+        lines.append(f"| *pi_ref itself (KL 0; truth 0.5)* | {what} | {r} | {r} | {r} |")
     cells = " | ".join(f"{summary['bound'][k]:.3f}" for k in at)
     lines.append(f"| *theory optimum* | {proc} | {cells} |")
     for spec, d in summary["predicted"].items():
@@ -185,24 +189,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                     lw=1,
                     label=f if s == str(summary["seeds"][0]) else None,
                 )
-        if what == proc:
-            opt = [r for r in theory.frontier(proc, ["optimal"], grid)]
-            ax.plot(
-                [r.kl for r in opt],
-                [r.win_rate for r in opt],
-                "k--",
-                lw=1.2,
-                label="theory optimum",
-            )
-        else:
-            idt = theory.frontier("sample", ["identity"], grid)
-            ax.plot(
-                [r.kl for r in idt],
-                [r.win_rate for r in idt],
-                "k--",
-                lw=1.2,
-                label="theory optimum",
-            )
+        # the optimum: the fixed point for the procedure; identity's tilt for the standard win rate
+        best = theory.frontier(proc, ["optimal"], grid) if what == proc else None
+        best = best or theory.frontier("sample", ["identity"], grid)
+        ax.plot(
+            [r.kl for r in best], [r.win_rate for r in best], "k--", lw=1.2, label="theory optimum"
+        )
         ax.set_xscale("log")
         ax.set_xlabel("measured KL(pi || pi_ref) per sequence [nats]")
         ax.set_ylabel(f"{what} win rate vs pi_ref")
