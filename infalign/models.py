@@ -502,12 +502,70 @@ def generate(
 # --- scoring -------------------------------------------------------------------------------------
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def _forward_params(model: Any) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in _forward_params(model)
+
+
+def _shared_prompts(gen: Generation) -> int:
+    """M if the rows come in groups of M = ``gen.num_samples`` > 1 sharing one (padded) prompt, else 1."""
+    M, L = gen.num_samples, gen.prompt_length
+    if M < 2 or gen.input_ids.shape[0] != M * gen.num_prompts:
+        return 1
+    for t in (gen.input_ids[:, :L], gen.attention_mask[:, :L]):
+        g = t.reshape(gen.num_prompts, M, L)
+        if not torch.equal(g, g[:, :1].expand_as(g)):
+            return 1
+    return M
+
+
+def _logits(
+    model: Any, ids: torch.Tensor, am: torch.Tensor, L: int, T: int, M: int, keep: bool
+) -> torch.Tensor:
+    """(B, T, V) logits predicting the completion tokens ``ids[:, L:]`` (B = P * M rows).
+
+    M > 1 (prefix sharing): the prompt of each group of M rows is run once, (P, L), with the KV cache;
+    the cache is repeated M times and the completion, minus its last token, runs on it, (B, T - 1).
+    The logit at the last prompt position comes from the prompt pass. Same values as one pass over
+    (B, L + T), with (B - P) L fewer tokens through the model (forward and backward).
+    """
+    pos = (am.long().cumsum(-1) - 1).clamp(min=0)
+    if M > 1:
+        pre = model(
+            input_ids=ids[::M, :L],
+            attention_mask=am[::M, :L],
+            position_ids=pos[::M, :L],
+            use_cache=True,
+            **({"logits_to_keep": 1} if keep else {}),
+        )
+        name = (
+            "cache" if "cache" in _forward_params(model) else "past_key_values"
+        )  # (transformers 5)
+        cache = pre[name] if name in pre else None
+        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+            first = pre.logits[:, -1:].repeat_interleave(M, dim=0)  # (B, 1, V)
+            if T == 1:
+                return first
+            cache.batch_repeat_interleave(M)
+            rest = model(
+                input_ids=ids[:, L : L + T - 1],
+                attention_mask=am[:, : L + T - 1],
+                position_ids=pos[:, L : L + T - 1],
+                use_cache=True,
+                **{name: cache},
+            ).logits  # (B, T - 1, V)
+            return torch.cat([first, rest], dim=1)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": am, "position_ids": pos}
+    if keep:
+        kwargs["logits_to_keep"] = T + 1
+    return model(**kwargs, use_cache=False).logits[:, -(T + 1) : -1]
 
 
 def token_logprobs(
@@ -520,13 +578,16 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | x, y_<t) / temperature-scaled, for every completion token.
 
-    One forward pass over ``gen.input_ids`` (B, L + T) with the attention mask and position ids
-    ``cumsum(mask) - 1`` (exact under left padding); logits / temperature, ``log_softmax`` in float32,
-    gather. The sequence log-prob is ``(out * gen.completion_mask).sum(-1)``.
+    The forward runs over ``gen.input_ids`` (B, L + T) with the attention mask and position ids
+    ``cumsum(mask) - 1`` (exact under left padding); when the rows are P prompts x M samples, each
+    prompt goes through the model once and its KV cache serves its M completions (``_logits``).
+    Then logits / temperature, ``log_softmax`` in float32, gather. The sequence log-prob is
+    ``(out * gen.completion_mask).sum(-1)``.
 
     Args:
         grad: keep the graph (policy loss); otherwise runs under ``torch.no_grad``.
-        micro_batch_size: rows per forward pass (None: all B at once).
+        micro_batch_size: rows per forward pass (None: all B at once; rounded down to a multiple of
+            M, at least M, when prompts are shared).
         with_entropy: also return the per-token entropy (B, T) of the same tempered distribution.
 
     Returns:
@@ -545,6 +606,8 @@ def token_logprobs(
     mb = B if not micro_batch_size else int(micro_batch_size)
     if mb < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be >= 1")
+    M = _shared_prompts(gen) if L > 0 else 1
+    mb = max(M, mb // M * M)
     keep = _accepts_logits_to_keep(model)
     outs: list[torch.Tensor] = []
     ents: list[torch.Tensor] = []
@@ -554,12 +617,7 @@ def token_logprobs(
             ids = gen.input_ids[s : s + mb].to(device)
             am = gen.attention_mask[s : s + mb].to(device)
             cm = gen.completion_mask[s : s + mb].to(device)
-            pos = (am.long().cumsum(-1) - 1).clamp(min=0)
-            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": am, "position_ids": pos}
-            if keep:
-                kwargs["logits_to_keep"] = T + 1
-            logits = model(**kwargs, use_cache=False).logits
-            logits = logits[:, -(T + 1) : -1].float() / temperature  # predicts tokens L..L+T-1
+            logits = _logits(model, ids, am, L, T, M, keep).float() / temperature
             logp = torch.log_softmax(logits, dim=-1)
             targets = ids[:, L:].unsqueeze(-1)
             lp = torch.gather(logp, -1, targets).squeeze(-1)

@@ -174,6 +174,33 @@ def test_token_logprobs_match_generate_scores(tiny_lm):
     torch.testing.assert_close(seq, seq_gen, atol=1e-4, rtol=0)
 
 
+def test_token_logprobs_prefix_sharing_equals_one_full_pass(tiny_lm, gen):
+    """Each prompt once + its KV cache repeated for the M completions: same log-probs, entropies
+    and gradients as one pass over every (prompt, completion) row."""
+    from infalign import models
+
+    model, _ = tiny_lm
+    flat = dataclasses.replace(
+        gen, texts=[[t] for ts in gen.texts for t in ts]
+    )  # M = 1 per "prompt"
+    assert models._shared_prompts(gen) == gen.num_samples > 1
+    assert models._shared_prompts(flat) == 1
+    results = []
+    for g in (gen, flat):
+        model.zero_grad()
+        lp, ent = token_logprobs(model, g, grad=True, with_entropy=True, micro_batch_size=7)
+        (lp * torch.linspace(0.5, 1.5, lp.shape[1])).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((lp.detach(), ent, grads))
+    model.zero_grad()
+    (lp_s, ent_s, g_s), (lp_f, ent_f, g_f) = results
+    torch.testing.assert_close(lp_s, lp_f, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_s, ent_f, atol=1e-5, rtol=0)
+    assert len(g_s) == len(g_f) > 0
+    for a, b in zip(g_s, g_f, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_token_logprobs_grad(tiny_lm, gen):
     model, _ = tiny_lm
     model.zero_grad()

@@ -6,7 +6,7 @@ Per step (``rl.prompts_per_step`` prompts from a seeded permutation, M = ``rl.sa
 1. ``generate`` M samples per prompt with the policy (KV cache; seed derived from (seed, step, rank));
 2. one reward call, ``R = Phi(C_hat(r))`` (or the raw reward ``r`` for raw-reward RLHF);
 3. per micro-batch (the step's prompts split ``rl.grad_accum`` ways): policy log-probs with grad,
-   reference log-probs without, ``R' = R - beta (log pi - log pi_ref)`` (sequence level), RLOO
+   reference log-probs without (each prompt runs once, its KV cache shared by its M completions), ``R' = R - beta (log pi - log pi_ref)`` (sequence level), RLOO
    advantages, REINFORCE loss, backward; clip the gradient norm, AdamW, linear warm-up;
 4. epochs 2..``rl.ppo_epochs`` reuse the first forward's detached log-probs as ``old`` (clipped ratio).
 
