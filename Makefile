@@ -51,6 +51,7 @@ claims: setup
 	$(BIN)/python benchmarks/claims.py run --task harmless
 	$(BIN)/python benchmarks/claims.py ablate-k --task helpful
 	$(BIN)/python benchmarks/claims.py ablate-steps --task helpful --seeds 0
+	$(BIN)/python benchmarks/claims.py ablate-steps --task helpful --seeds 0 --lr 1e-4
 	$(BIN)/python benchmarks/claims.py summarize
 
 lint: setup

@@ -310,21 +310,36 @@ def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def splice(doc: Path, name: str, text: str) -> bool:
+    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in ``doc`` by ``text``;
+    False (nothing written) where the markers are missing."""
+    if not doc.is_file():
+        return False
+    body, begin, end = doc.read_text(), f"<!-- {name} -->", f"<!-- /{name} -->"
+    i, j = body.find(begin), body.find(end)
+    if i < 0 or j < i:
+        return False
+    doc.write_text(body[: i + len(begin)] + "\n" + text.strip() + "\n" + body[j:])
+    return True
+
+
 def cmd_summarize(a: argparse.Namespace) -> None:
+    """Write docs/results/claims-*.{json,png,md} and refresh the marked blocks of docs/results.md."""
     out = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    blocks: dict[str, str] = {}
     for task in TASK_PROC:
         s = summarize_task(out, task)
         if not s:
             continue
         (RESULTS / f"claims-{task}.json").write_text(json.dumps(s, indent=1) + "\n")
         plot(s, RESULTS / f"claims-{task}.png")
-        md = markdown(s) + "\n\nTrain vs held-out (gap analysis):\n\n" + train_vs_test(out, task)
-        (RESULTS / f"claims-{task}.md").write_text(md + "\n")
-        print(md + "\n")
-    kmd = summarize_k(out, "helpful", [16, 64, 256], 0.8)
-    (RESULTS / "claims-k-ablation.md").write_text(kmd + "\n")
-    print(kmd)
-    smd = summarize_steps(out, "helpful", 0.8)
-    (RESULTS / "claims-steps-ablation.md").write_text(smd + "\n")
-    print("\n" + smd)
+        blocks[f"claims-{task}"] = markdown(s)
+        blocks[f"claims-{task}-gap"] = train_vs_test(out, task)
+    blocks["claims-k-ablation"] = summarize_k(out, "helpful", [16, 64, 256], 0.8)
+    blocks["claims-steps-ablation"] = summarize_steps(out, "helpful", 0.8)
+    doc = RESULTS.parent / "results.md"
+    for name, text in blocks.items():
+        (RESULTS / f"{name}.md").write_text(text + "\n")
+        where = "docs/results.md" if splice(doc, name, text) else f"docs/results/{name}.md only"
+        print(f"## {name} ({where})\n\n{text}\n")
