@@ -45,7 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/evaluation.py
 	$(BIN)/python benchmarks/trainer.py
 
-# The paper's claims on the offline testbed (docs/results.md): about 3 hours on 2 cores.
+# The paper's claims on the offline testbed (docs/results.md): about 2 hours on 2 cores.
 claims: setup
 	$(BIN)/python benchmarks/claims.py run --task helpful
 	$(BIN)/python benchmarks/claims.py run --task harmless

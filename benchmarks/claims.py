@@ -15,7 +15,7 @@ At each target KL k in ``--kls`` the beta is the calibrated-space beta reaching 
 Seed s sets ``rl.seed`` and ``evaluate.seed``; the reference artifacts (``seed: 0``) are computed once
 and copied to every seed's run directory. Work runs in ``--jobs`` single-threaded processes.
 
-    python benchmarks/claims.py run --task helpful          # 63 train+eval units, ~40 min on 2 cores
+    python benchmarks/claims.py run --task helpful          # 63 train+eval units, ~48 min on 2 cores
     python benchmarks/claims.py run --task harmless
     python benchmarks/claims.py ablate-k --task helpful     # K = 16, 256 (K = 64 is the sweep's)
     python benchmarks/claims.py summarize                   # tables + figures into docs/results/

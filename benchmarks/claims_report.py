@@ -128,6 +128,9 @@ def summarize_task(out: Path, task: str) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    def label(family: str) -> str:  # the "exp" family is negexp:auto@k for a worst-of-n task
+        return TASK_PROC[summary["task"]][1] if family == "exp" else family
+
     proc, at = summary["procedure"], summary["at_kl"]
     head = " | ".join(f"KL {k:g}" for k in at)
     lines = [
@@ -140,7 +143,7 @@ def markdown(summary: dict[str, Any]) -> str:
     for f, d in summary["table"].items():
         for what in (proc, "sample"):
             cells = " | ".join(_fmt(*x) for x in d[what])
-            lines.append(f"| {f} | {what} | {cells} |")
+            lines.append(f"| {label(f)} | {what} | {cells} |")
     ref = np.array(summary["reference"])
     for j, what in ((0, proc), (1, "sample")):
         r = _fmt(*t_interval(ref[:, j]))
@@ -157,7 +160,8 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     lines += [f"| difference | {head} |", "|---|" + "---|" * len(at)]
     for name, d in summary["diffs"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(*x) for x in d) + " |")
+        a, b = name.split(" - ")
+        lines.append(f"| {label(a)} - {b} | " + " | ".join(_fmt(*x) for x in d) + " |")
     return "\n".join(lines)
 
 
