@@ -173,7 +173,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     from infalign import theory
 
-    proc = summary["procedure"]
+    proc, neg = summary["procedure"], TASK_PROC[summary["task"]][1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = dict(
         zip(FAMILIES, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple"), strict=True)
@@ -191,7 +191,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                     alpha=0.6,
                     ms=4,
                     lw=1,
-                    label=f if s == str(summary["seeds"][0]) else None,
+                    label=(neg if f == "exp" else f) if s == str(summary["seeds"][0]) else None,
                 )
         # the optimum: the fixed point for the procedure; identity's tilt for the standard win rate
         best = theory.frontier(proc, ["optimal"], grid) if what == proc else None
