@@ -196,18 +196,14 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 def cmd_ablate_k(a: argparse.Namespace) -> None:
+    """The sweep's exp method at the ``--kl`` budget, with K = ``--ks`` reference samples."""
     out, seeds = Path(a.out), list(a.seeds)
-    fam = TASK_PROC[a.task][1]
+    name = f"exp-{_kl_tag(a.kl)}"
+    meths = [m for m in methods(a.task, (a.kl,), 1.0) if m["name"] == name]
     units: list[tuple[Any, ...]] = []
     for k in a.ks:
         _references(a.task, out, seeds, k)
-        spec = f"{fam}:auto@{a.kl:g}"
-        proc = TASK_PROC[a.task][0]
-        from infalign import theory
-
-        b = float(f"{theory.beta_for_kl(theory.resolve_transform(spec, proc, a.kl), a.kl):.4g}")
-        meths = [{"name": f"exp-{_kl_tag(a.kl)}", "transform": spec, "betas": [b]}]
-        units += [(a.task, str(out), s, k, meths, (meths[0]["name"], b)) for s in seeds]
+        units += [(a.task, str(out), s, k, meths, (name, meths[0]["betas"][0])) for s in seeds]
         units += [(a.task, str(out), s, k, meths, None) for s in seeds]
     _run_units(units, a.jobs)
     for k in a.ks:

@@ -284,18 +284,20 @@ def _last(d: Path, train: str, key: str, last: int = 5) -> float:
 
 def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
     """identity and exp at the ``kl`` target: the sweep's 30 steps vs the ``ablate-steps`` runs."""
+    from infalign import theory
+
     proc = TASK_PROC[task][0]
     lines = [
         f"| steps | lr | method | beta | test KL | {proc} win rate [95% CI] | standard win rate "
-        "[95% CI] | train E[u] (last 5 steps) | train KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"[95% CI] | train E[u] (last 5 steps) | train KL | {proc} optimum at test KL (theory) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = [(30, 1e-4, out / task / f"seed{seed}")]
     for d in sorted(out.glob(f"{task}-steps*-lr*")):
         steps, lr = d.name.removeprefix(f"{task}-steps").split("-lr")
         runs.append((int(steps), float(lr), d / f"seed{seed}"))
     want = {"identity": None, f"exp-{_kl_tag(kl)}": None}
-    idt_beta = methods(task, (kl,), 1.0)[1]["betas"][0]
+    idt_beta = next(m["betas"][0] for m in methods(task, (kl,), 1.0) if m["name"] == "identity")
     for steps, lr, d in runs:
         f = d / "results.json"
         if not f.is_file():
@@ -309,7 +311,8 @@ def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
                 f"| {w['mean']:.3f} [{w['low']:.3f}, {w['high']:.3f}] "
                 f"| {sw['mean']:.3f} [{sw['low']:.3f}, {sw['high']:.3f}] "
                 f"| {_last(d, r['train'], 'rl/reward_calibrated'):.3f} "
-                f"| {_last(d, r['train'], 'rl/kl_seq'):.2f} |"
+                f"| {_last(d, r['train'], 'rl/kl_seq'):.2f} "
+                f"| {theory.optimal_policy(proc, kl=r['kl']['mean']).win_rate(proc):.3f} |"
             )
     return "\n".join(lines)
 

@@ -308,13 +308,12 @@ class RunConfig:
 
 
 def _check_transform_spec(path: str, spec: str) -> None:
-    from infalign.theory import split_target
+    from infalign.theory import needs_theory, split_target
     from infalign.transforms import parse_transform
 
     try:
-        base, _ = split_target(spec)
-        name = base.split(":")[0].strip().lower()
-        if base in ("raw", "optimal") or (name in ("exp", "negexp") and base.endswith(":auto")):
+        split_target(spec)  # a malformed @KL pin is an error
+        if spec.strip() == "raw" or needs_theory(spec):
             return
         parse_transform(spec)
     except ValueError as err:

@@ -510,14 +510,10 @@ def _forward_params(model: Any) -> set[str]:
         return set()
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in _forward_params(model)
-
-
 def _shared_prompts(gen: Generation) -> int:
     """M if the rows come in groups of M = ``gen.num_samples`` > 1 sharing one (padded) prompt, else 1."""
     M, L = gen.num_samples, gen.prompt_length
-    if M < 2 or gen.input_ids.shape[0] != M * gen.num_prompts:
+    if M < 2 or L < 1 or gen.input_ids.shape[0] != M * gen.num_prompts:
         return 1
     for t in (gen.input_ids[:, :L], gen.attention_mask[:, :L]):
         g = t.reshape(gen.num_prompts, M, L)
@@ -527,17 +523,25 @@ def _shared_prompts(gen: Generation) -> int:
 
 
 def _logits(
-    model: Any, ids: torch.Tensor, am: torch.Tensor, L: int, T: int, M: int, keep: bool
+    model: Any,
+    ids: torch.Tensor,
+    am: torch.Tensor,
+    L: int,
+    T: int,
+    M: int,
+    keep: bool,
+    cache_kw: str | None,
 ) -> torch.Tensor:
     """(B, T, V) logits predicting the completion tokens ``ids[:, L:]`` (B = P * M rows).
 
-    M > 1 (prefix sharing): the prompt of each group of M rows is run once, (P, L), with the KV cache;
-    the cache is repeated M times and the completion, minus its last token, runs on it, (B, T - 1).
-    The logit at the last prompt position comes from the prompt pass. Same values as one pass over
-    (B, L + T), with (B - P) L fewer tokens through the model (forward and backward).
+    M > 1 (prefix sharing, for a model whose forward takes a KV cache as ``cache_kw``): the prompt
+    of each group of M rows is run once, (P, L), with the cache; the cache is repeated M times and
+    the completion, minus its last token, runs on it, (B, T - 1). The logit at the last prompt
+    position comes from the prompt pass. Same values as one pass over (B, L + T), with (B - P) L
+    fewer tokens through the model (forward and backward).
     """
     pos = (am.long().cumsum(-1) - 1).clamp(min=0)
-    if M > 1:
+    if M > 1 and cache_kw is not None:
         pre = model(
             input_ids=ids[::M, :L],
             attention_mask=am[::M, :L],
@@ -545,23 +549,22 @@ def _logits(
             use_cache=True,
             **({"logits_to_keep": 1} if keep else {}),
         )
-        name = (
-            "cache" if "cache" in _forward_params(model) else "past_key_values"
-        )  # (transformers 5)
-        cache = pre[name] if name in pre else None
-        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
-            first = pre.logits[:, -1:].repeat_interleave(M, dim=0)  # (B, 1, V)
-            if T == 1:
-                return first
+        first = pre.logits[:, -1:].repeat_interleave(M, dim=0)  # (B, 1, V)
+        if T == 1:
+            return first
+        cache = pre[cache_kw]
+        if hasattr(cache, "batch_repeat_interleave"):  # a transformers Cache
             cache.batch_repeat_interleave(M)
-            rest = model(
-                input_ids=ids[:, L : L + T - 1],
-                attention_mask=am[:, : L + T - 1],
-                position_ids=pos[:, L : L + T - 1],
-                use_cache=True,
-                **{name: cache},
-            ).logits  # (B, T - 1, V)
-            return torch.cat([first, rest], dim=1)
+        else:  # legacy tuple of (key, value) per layer (older transformers)
+            cache = tuple(tuple(t.repeat_interleave(M, dim=0) for t in layer) for layer in cache)
+        rest = model(
+            input_ids=ids[:, L : L + T - 1],
+            attention_mask=am[:, : L + T - 1],
+            position_ids=pos[:, L : L + T - 1],
+            use_cache=True,
+            **{cache_kw: cache},
+        ).logits  # (B, T - 1, V)
+        return torch.cat([first, rest], dim=1)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": am, "position_ids": pos}
     if keep:
         kwargs["logits_to_keep"] = T + 1
@@ -606,9 +609,12 @@ def token_logprobs(
     mb = B if not micro_batch_size else int(micro_batch_size)
     if mb < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be >= 1")
-    M = _shared_prompts(gen) if L > 0 else 1
+    params = _forward_params(model)
+    keep = "logits_to_keep" in params
+    # the KV-cache argument: ``cache`` in transformers 5, ``past_key_values`` before
+    cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
+    M = _shared_prompts(gen) if cache_kw is not None else 1
     mb = max(M, mb // M * M)
-    keep = _accepts_logits_to_keep(model)
     outs: list[torch.Tensor] = []
     ents: list[torch.Tensor] = []
     ctx = torch.enable_grad() if grad else torch.no_grad()
@@ -617,7 +623,7 @@ def token_logprobs(
             ids = gen.input_ids[s : s + mb].to(device)
             am = gen.attention_mask[s : s + mb].to(device)
             cm = gen.completion_mask[s : s + mb].to(device)
-            logits = _logits(model, ids, am, L, T, M, keep).float() / temperature
+            logits = _logits(model, ids, am, L, T, M, keep, cache_kw).float() / temperature
             logp = torch.log_softmax(logits, dim=-1)
             targets = ids[:, L:].unsqueeze(-1)
             lp = torch.gather(logp, -1, targets).squeeze(-1)

@@ -53,7 +53,6 @@ from infalign.runs import (
     _eval_cfg,
     _first_diff,
     _guard,
-    _needs_theory,
     _plain,
     _reference_cfg,
     _stage_state,
@@ -158,7 +157,7 @@ def _resolve(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[str, Any]]
     spec = method.transform
     if spec.strip().lower() == "raw":
         return None, {"spec": "raw", "resolved": "raw", "transform": None}
-    auto = _needs_theory(spec)
+    auto = theory.needs_theory(spec)
     proc, kl = cfg.report.procedure, theory.split_target(spec)[1] or cfg.rl.target_kl
     tf = theory.resolve_transform(spec, proc, kl=kl)
     info: dict[str, Any] = {"spec": spec, "resolved": str(tf), "t": getattr(tf, "t", None)}

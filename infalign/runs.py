@@ -21,6 +21,7 @@ from typing import Any
 
 from infalign.config import MethodConfig, ModelConfig, RunConfig, dump_config, to_dict
 from infalign.io import atomic_write_text, read_json, to_jsonable, write_manifest
+from infalign.theory import needs_theory, split_target
 
 __all__ = [
     "MANIFEST",
@@ -297,11 +298,6 @@ def _reference_cfg(cfg: RunConfig, split: str) -> dict[str, Any]:
     }
 
 
-def _needs_theory(spec: str) -> bool:
-    s = spec.strip().lower().partition("@")[0]
-    return s == "optimal" or s.endswith(":auto")
-
-
 def _train_cfg(cfg: RunConfig, method: MethodConfig, beta: float) -> dict[str, Any]:
     """Stage config of ``train/<method>/beta=<b>``, keyed by the config's own dotted paths
     (``rl.beta`` and ``rl.transform`` are the method's)."""
@@ -319,8 +315,8 @@ def _train_cfg(cfg: RunConfig, method: MethodConfig, beta: float) -> dict[str, A
         "reference": to_dict(cfg.reference),
         "rl": rl_d,
     }
-    if _needs_theory(method.transform):  # the transform is resolved for this procedure and KL
-        if "@" not in method.transform:  # (a pinned exp:auto@KL carries its own KL)
+    if needs_theory(method.transform):  # the transform is resolved for this procedure and KL
+        if split_target(method.transform)[1] is None:  # (exp:auto@KL carries its own KL)
             out["rl"]["target_kl"] = cfg.rl.target_kl
         out["report"] = {"procedure": cfg.report.procedure}
     return out

@@ -44,6 +44,7 @@ __all__ = [
     "best_t",
     "beta_for_kl",
     "frontier",
+    "needs_theory",
     "optimal_policy",
     "recommend",
     "resolve_transform",
@@ -544,6 +545,13 @@ def frontier(
     return out
 
 
+def needs_theory(spec: str) -> bool:
+    """Whether a transform spec is resolved by the theory: ``exp:auto``, ``negexp:auto`` or
+    ``optimal``, with or without an ``@KL`` pin."""
+    base = spec.partition("@")[0].strip().lower()
+    return base == "optimal" or _auto_family(base) is not None
+
+
 def split_target(spec: str) -> tuple[str, float | None]:
     """``"exp:auto@0.3"`` -> ``("exp:auto", 0.3)``; a spec without ``@KL`` -> ``(spec, None)``.
 
@@ -553,7 +561,7 @@ def split_target(spec: str) -> tuple[str, float | None]:
     base, at, kl = spec.partition("@")
     if not at:
         return spec, None
-    if _auto_family(base) is None and base.strip().lower() != "optimal":
+    if not needs_theory(base):
         raise ValueError(f"transform {spec!r}: '@KL' only follows exp:auto, negexp:auto or optimal")
     try:
         k = float(kl)

@@ -248,6 +248,10 @@ def test_pinned_kl_suffix_resolves_at_that_kl() -> None:
 
     assert split_target("exp:auto@0.3") == ("exp:auto", 0.3)
     assert split_target("identity") == ("identity", None)
+    from infalign.theory import needs_theory
+
+    assert needs_theory("exp:auto@0.3") and needs_theory("optimal") and needs_theory("negexp:auto")
+    assert not needs_theory("identity") and not needs_theory("exp:3") and not needs_theory("raw")
     pinned = resolve_transform("exp:auto@0.3", "bon:4", 2.0)
     assert isinstance(pinned, Exp) and pinned.t == best_t(Exp, "bon:4", 0.3)
     assert pinned != resolve_transform("exp:auto", "bon:4", 2.0)
