@@ -186,9 +186,10 @@ def run_trl(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str
         check_exact_ctrl,
         exact_ctrl_config,
     )
-    from infalign.models import Generation, load_model, load_tokenizer, token_logprobs
+    from infalign.models import Generation, load_model, load_tokenizer
     from infalign.rewards import load_reward
     from infalign.rl.advantages import kl_penalized_reward, rloo_advantages, sequence_logprob
+    from infalign.scoring import token_logprobs
 
     rl, M = cfg.rl, cfg.rl.samples_per_prompt
     spans: list[list[float]] = []

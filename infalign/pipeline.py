@@ -255,7 +255,7 @@ def _load_checkpoint(cfg: RunConfig, ckpt: Path) -> Any:
 
 def _seq_logprobs(model: Any, gen: Any, cfg: RunConfig) -> torch.Tensor:
     """(P, M) float64 sequence log-probs sum_t log pi(y_t | ...) (tempered, as in training)."""
-    from infalign.models import token_logprobs
+    from infalign.scoring import token_logprobs
 
     lp = token_logprobs(
         model, gen, temperature=cfg.sampling.temperature, micro_batch_size=cfg.sampling.batch_size

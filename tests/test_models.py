@@ -15,8 +15,8 @@ from infalign.models import (
     load_tokenizer,
     resolve_device,
     tiny_causal_lm,
-    token_logprobs,
 )
+from infalign.scoring import token_logprobs
 
 PROMPTS = ["The cat", "Human: What is two plus two? Assistant:", "x"]
 
@@ -177,14 +177,14 @@ def test_token_logprobs_match_generate_scores(tiny_lm):
 def test_token_logprobs_prefix_sharing_equals_one_full_pass(tiny_lm, gen):
     """Each prompt once + its KV cache repeated for the M completions: same log-probs, entropies
     and gradients as one pass over every (prompt, completion) row."""
-    from infalign import models
+    from infalign import scoring
 
     model, _ = tiny_lm
     flat = dataclasses.replace(
         gen, texts=[[t] for ts in gen.texts for t in ts]
     )  # M = 1 per "prompt"
-    assert models._shared_prompts(gen) == gen.num_samples > 1
-    assert models._shared_prompts(flat) == 1
+    assert scoring._shared_prompts(gen) == gen.num_samples > 1
+    assert scoring._shared_prompts(flat) == 1
     results = []
     for g in (gen, flat):
         model.zero_grad()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from infalign.calibration import EmpiricalCalibration
 from infalign.config import RLConfig, SamplingConfig
-from infalign.models import Generation, derive_seed, generate, token_logprobs
+from infalign.models import Generation, derive_seed, generate
 from infalign.rewards import RewardFn, score
 from infalign.rl import checkpoint as ckpt_io
 from infalign.rl.advantages import (
@@ -46,6 +46,7 @@ from infalign.rl.advantages import (
 )
 from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.losses import policy_gradient_loss
+from infalign.scoring import token_logprobs
 from infalign.transforms import Transform, parse_transform
 
 __all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer"]
