@@ -151,10 +151,16 @@ class ReferenceConfig:
             _fail(f"{path}.num_samples", self.num_samples, "calibration needs K >= 2")
 
 
+ALGORITHMS = ("rloo", "regression")
+
+
 @dataclass(frozen=True)
 class RLConfig:
-    """CTRL trainer (spec section 6): RLOO with the sequence KL inside the reward, fixed beta."""
+    """CTRL trainer: ``algorithm: rloo`` (spec section 6: on-policy RLOO with the sequence KL inside
+    the reward, fixed beta) or ``algorithm: regression`` (spec section 6b: the sequence log-ratio
+    regressed on the exact optimum's over the cached reference samples; no generation)."""
 
+    algorithm: str = "rloo"  # rloo | regression
     # a transform spec, exp:auto / negexp:auto / optimal (optionally @KL: exp:auto@0.3), or "raw"
     transform: str = "identity"
     beta: float = 0.1
@@ -177,13 +183,15 @@ class RLConfig:
     target_kl: float = 0.5
 
     def validate(self, path: str = "rl") -> None:
+        if self.algorithm not in ALGORITHMS:
+            _fail(f"{path}.algorithm", self.algorithm, f"expected one of {', '.join(ALGORITHMS)}")
         if not self.beta > 0:
             _fail(f"{path}.beta", self.beta, "must be > 0")
         if not 0 < self.target_kl <= 12:
             _fail(f"{path}.target_kl", self.target_kl, "must be in (0, 12] nats")
         if self.steps < 0:
             _fail(f"{path}.steps", self.steps, "must be >= 0")
-        if self.samples_per_prompt < 2:
+        if self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1):
             _fail(f"{path}.samples_per_prompt", self.samples_per_prompt, "RLOO needs M >= 2")
         for name in ("prompts_per_step", "ppo_epochs", "grad_accum", "save_every"):
             if getattr(self, name) < 1:

@@ -200,19 +200,37 @@ def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
     torch.manual_seed(rl.seed)  # LoRA initialisation
     policy = load_model(cfg.model, trainable=True)
     shared_base = cfg.model.lora_r > 0 and cfg.reference_model is None
-    trainer = CTRLTrainer(
-        policy,
-        None if shared_base else env.reference_model(),
-        env.tokenizer(),
-        prompts,
-        env.reward(),
-        calibration,
-        tf,
-        rl,
-        cfg.sampling,
-        d,
-        resume=resume,
-    )
+    reference = None if shared_base else env.reference_model()
+    trainer: CTRLTrainer
+    if rl.algorithm == "regression":
+        from infalign.rl.regression import RegressionTrainer
+
+        trainer = RegressionTrainer(
+            policy,
+            reference,
+            env.tokenizer(),
+            ref,
+            calibration,
+            tf,
+            rl,
+            cfg.sampling,
+            d,
+            resume=resume,
+        )
+    else:
+        trainer = CTRLTrainer(
+            policy,
+            reference,
+            env.tokenizer(),
+            prompts,
+            env.reward(),
+            calibration,
+            tf,
+            rl,
+            cfg.sampling,
+            d,
+            resume=resume,
+        )
     trainer.train()
     del trainer, policy
     gc.collect()

@@ -1,7 +1,9 @@
 """The reference stage: K samples per prompt from pi_ref, scored once, cached as an artifact.
 
 Artifact (in ``out_dir``):
-    ``reference.jsonl``  one row per prompt: index, prompt, completions (K), num_tokens (K), rewards (K)
+    ``reference.jsonl``  one row per prompt: index, prompt, completions (K), num_tokens (K), rewards (K),
+                         token_ids (K lists: the sampled completion tokens, EOS included) and
+                         logprobs (K: the sequence log-prob ``log pi_ref(y|x)`` at the sampling temperature)
     ``reference.json``   metadata: K, seed, sampling, number of prompts and their hash, reward
                          description, prompts per chunk, fraction of tied rewards, versions
 
@@ -34,8 +36,9 @@ from infalign.io import (
     read_jsonl,
     run_manifest,
 )
-from infalign.models import derive_seed, generate
+from infalign.models import Generation, derive_seed, encode_prompts, generate
 from infalign.rewards import describe_reward, score
+from infalign.scoring import token_logprobs
 
 __all__ = ["ReferenceSet", "build_reference", "tie_fraction"]
 
@@ -45,7 +48,9 @@ FINAL_ROWS = "reference.jsonl"
 FINAL_META = "reference.json"
 PARTIAL_ROWS = "reference.partial.jsonl"
 PARTIAL_META = "reference.partial.json"
-FORMAT_VERSION = 1
+# 2: token_ids and logprobs per sample (the regression trainer trains on the exact sampled tokens;
+# re-tokenising the texts changes some sequences). A version-1 artifact is reported, never reused.
+FORMAT_VERSION = 2
 # the fields a resumed or cached artifact must share with the request
 _CHECKED = (
     "format_version",
@@ -88,6 +93,8 @@ class ReferenceSet:
         completions: P lists of K completions.
         rewards: (P, K) float32.
         num_tokens: (P, K) long, completion tokens (EOS included).
+        token_ids: P lists of K token-id lists (each ``num_tokens[p, k]`` long).
+        logprobs: (P, K) float64, ``log pi_ref(y_pk | x_p)`` (tempered, summed over the tokens).
         meta: the artifact's metadata (``reference.json``).
     """
 
@@ -95,6 +102,8 @@ class ReferenceSet:
     completions: list[list[str]]
     rewards: torch.Tensor
     num_tokens: torch.Tensor
+    token_ids: list[list[list[int]]]
+    logprobs: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,6 +119,45 @@ class ReferenceSet:
         """Mean over prompts of the fraction of the K rewards that equal another of the same prompt."""
         return tie_fraction(self.rewards)
 
+    def generation(
+        self, tokenizer: Any, prompt_idx: list[int], sample_idx: torch.Tensor
+    ) -> Generation:
+        """The stored samples ``sample_idx[j]`` (k of the K) of prompts ``prompt_idx[j]`` as a
+        :class:`~infalign.models.Generation` of len(prompt_idx) x k rows, exactly as sampled: the
+        prompt encoded as for sampling (left-padded), the stored completion tokens right-padded.
+
+        sample_idx: (P', k) long indices into 0..K-1.
+        """
+        sample_idx = torch.as_tensor(sample_idx, dtype=torch.long)
+        if sample_idx.ndim != 2 or sample_idx.shape[0] != len(prompt_idx):
+            raise ValueError(
+                f"sample_idx must be (P'={len(prompt_idx)}, k), got {tuple(sample_idx.shape)}"
+            )
+        k = sample_idx.shape[1]
+        ids, am = encode_prompts(tokenizer, [self.prompts[p] for p in prompt_idx])
+        rows = [
+            self.token_ids[p][int(j)]
+            for p, js in zip(prompt_idx, sample_idx, strict=True)
+            for j in js
+        ]
+        T = max(1, max(len(r) for r in rows))
+        comp = torch.full((len(rows), T), int(tokenizer.pad_token_id), dtype=torch.long)
+        cmask = torch.zeros(len(rows), T)
+        for b, r in enumerate(rows):
+            comp[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            cmask[b, : len(r)] = 1.0
+        return Generation(
+            input_ids=torch.cat([ids.repeat_interleave(k, dim=0), comp], dim=1),
+            attention_mask=torch.cat([am.repeat_interleave(k, dim=0), cmask.long()], dim=1),
+            prompt_length=ids.shape[1],
+            completion_mask=cmask,
+            texts=[
+                [self.completions[p][int(j)] for j in js]
+                for p, js in zip(prompt_idx, sample_idx, strict=True)
+            ],
+            prompts=[self.prompts[p] for p in prompt_idx],
+        )
+
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]], meta: dict[str, Any]) -> ReferenceSet:
         rows = sorted(rows, key=lambda r: r["index"])
@@ -118,6 +166,8 @@ class ReferenceSet:
             completions=[r["completions"] for r in rows],
             rewards=torch.tensor([r["rewards"] for r in rows], dtype=torch.float32),
             num_tokens=torch.tensor([r["num_tokens"] for r in rows], dtype=torch.long),
+            token_ids=[r["token_ids"] for r in rows],
+            logprobs=torch.tensor([r["logprobs"] for r in rows], dtype=torch.float64),
             meta=meta,
         )
 
@@ -131,6 +181,12 @@ class ReferenceSet:
             )
             raise ValueError(f"no reference artifact in {str(d)!r}{partial}")
         meta = read_json(d / FINAL_META)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"reference artifact {str(d)!r} has format_version={meta.get('format_version')!r}; "
+                f"this infalign reads version {FORMAT_VERSION} (it stores the sampled token ids and "
+                "log pi_ref per sample): delete the directory (or use another out) to rebuild it"
+            )
         rows = read_jsonl(d / FINAL_ROWS)
         if [r.get("index") for r in rows] != list(range(meta["num_prompts"])):
             raise ValueError(
@@ -215,6 +271,12 @@ def build_reference(
                 model, tokenizer, ps, K, sampling, seed=derive_seed(seed, c), progress=False
             )
             rewards = score(reward_fn, ps, gen.texts)
+            lp = token_logprobs(
+                model, gen, temperature=sampling.temperature, micro_batch_size=sampling.batch_size
+            )
+            assert isinstance(lp, torch.Tensor)
+            seq_lp = (lp.double().cpu() * gen.completion_mask.double()).sum(-1).view(len(ps), K)
+            comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
             new = [
                 {
                     "index": i,
@@ -223,6 +285,10 @@ def build_reference(
                     "completions": gen.texts[j],
                     "num_tokens": gen.num_tokens[j].tolist(),
                     "rewards": rewards[j].tolist(),
+                    "token_ids": [
+                        comp[j * K + k, : int(n_tok[j * K + k])].tolist() for k in range(K)
+                    ],
+                    "logprobs": seq_lp[j].tolist(),
                 }
                 for j, i in enumerate(idx)
             ]

@@ -49,7 +49,7 @@ from infalign.rl.losses import policy_gradient_loss
 from infalign.scoring import token_logprobs
 from infalign.transforms import Transform, parse_transform
 
-__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer"]
+__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,7 @@ class CTRLTrainer:
 
         # --- models, optimizer, schedule ------------------------------------------------------
         policy.eval()  # dropout off: log-probs are those of the sampling policy
-        optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
-        warm = rl.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
-        )
+        optimizer, scheduler = make_optimizer(params, rl)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             policy, optimizer, scheduler
         )
@@ -484,6 +480,18 @@ class CTRLTrainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def make_optimizer(params: Any, rl: RLConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW at ``rl.lr`` (``rl.weight_decay``) and its schedule: linear warm-up over
+    ``rl.warmup_steps`` optimizer steps, then constant. Every trainer (and the convergence tests)
+    builds its optimizer here."""
+    optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
+    warm = rl.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+    )
+    return optimizer, scheduler
 
 
 def _parse(transform: Transform | str | None) -> Transform | None:
