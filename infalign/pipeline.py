@@ -358,9 +358,6 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
     rewards = score(env.reward(), prompts, gen.texts)
     lp = _seq_logprobs(policy, gen, cfg)
     lr = lp if method is None else _seq_logprobs(ref_model, gen, cfg)
-    if policy is not ref_model:
-        del policy
-        gc.collect()
     kl = kl_estimate(lp, lr, confidence=ev.confidence)
 
     def win(proc: str) -> dict[str, Any]:
@@ -369,6 +366,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
         )
         return w.to_dict(per_prompt=ev.per_prompt)
 
+    fit = None if method is None else _transfer(env, policy, ref_model, test_ref, tinfo, beta)
     procs = [parse_procedure(p).spec() for p in ev.procedures]
     n_tok = gen.num_tokens.double()
     result = {
@@ -380,6 +378,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
         "standard_win_rate": win("sample"),
         "kl": kl.to_dict(),
         "theory_bound": {p: {"win_rate": _theory_bound(p, kl.mean), "kl": kl.mean} for p in procs},
+        "transfer": fit,
         "reward": {
             "mean": float(rewards.mean()),
             "stderr": float(rewards.double().mean(1).std() / math.sqrt(len(prompts)))
@@ -411,11 +410,42 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
         + "\n"
         for p in range(len(prompts))
     )
+    if policy is not ref_model:
+        del policy
+        gc.collect()
     atomic_write_text(d / "samples.jsonl", body)
     result = _nan_to_none(to_jsonable(result))  # e.g. stderr over a single prompt
     atomic_write_json(d / "eval.json", result)
     _write_stage(d, stage_cfg, seed, what, "done")
     return result
+
+
+def _transfer(
+    env: _Env, policy: Any, ref_model: Any, test_ref: Any, tinfo: dict[str, Any], beta: float
+) -> dict[str, Any]:
+    """How much of the optimum's tilt the policy realises on samples it never saw: on the held-out
+    reference pool (P_test x K' samples of pi_ref with stored tokens and log pi_ref), the policy's
+    sequence log-ratio against the target ``(R - beta log Z_p) / beta`` (spec 6b; R = Phi(C_hat) with
+    C_hat the pool's own mid-ranks, or the raw reward): slope, correlation, RMSE
+    (:func:`infalign.rl.regression.fit_diagnostics`)."""
+    from infalign.rl.advantages import ctrl_reward
+    from infalign.rl.regression import fit_diagnostics, regression_target
+    from infalign.transforms import transform_from_dict
+
+    cfg = env.cfg
+    spec = tinfo.get("transform")
+    tf = None if spec is None else transform_from_dict(spec)
+    cal = None if tf is None else test_ref.calibration(smoothed=cfg.reference.smoothed)
+    R = ctrl_reward(test_ref.rewards.double(), cal, tf).double()
+    target = regression_target(R, beta) / beta
+    P, K = R.shape
+    gen = test_ref.generation(env.tokenizer(), list(range(P)), torch.arange(K).expand(P, K))
+    logratio = _seq_logprobs(policy, gen, cfg) - test_ref.logprobs
+    out: dict[str, Any] = fit_diagnostics(logratio, target)
+    out.update(
+        num_samples=P * K, target_std=float(target.std()), logratio_std=float(logratio.std())
+    )
+    return out
 
 
 def run_evaluate(cfg: RunConfig, method: str | None, beta: float | None = None) -> dict[str, Any]:

@@ -154,6 +154,21 @@ def test_lora_checkpoint_through_evaluation(assets, tmp_path, caplog):
     assert any("evaluate.bootstrap" in r.getMessage() for r in caplog.records)
 
 
+def test_regression_algorithm_through_the_pipeline(assets, tmp_path):
+    """rl.algorithm: regression trains from the cached reference samples (no reward call during
+    training) and its evaluation, like every trained policy's, reports the transfer diagnostic."""
+    over = {"rl.algorithm": "regression", "rl.steps": 3, "rl.samples_per_prompt": 2}
+    cfg = _cfg(assets, tmp_path / "reg", **over)
+    d = pipeline.run_train(cfg, "raw", 0.1)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rl/step"] for r in rows] == [0, 1, 2] and "rl/fit_corr" in rows[0]
+    ev = pipeline.run_evaluate(cfg, "raw", 0.1)
+    t = ev["transfer"]
+    assert t["num_samples"] == 6 * cfg.evaluate.reference_samples
+    assert -1.0 <= t["corr"] <= 1.0 and t["rmse"] > 0 and math.isfinite(t["slope"])
+    assert pipeline.run_evaluate(cfg, None)["transfer"] is None  # pi_ref itself
+
+
 def test_single_test_prompt_has_no_stderr(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "one", **{"prompts.test.limit": 1})
     ev = pipeline.run_evaluate(cfg, None)  # pi_ref against its own test artifact

@@ -18,6 +18,7 @@ from infalign.io import (
 )
 from infalign.reference import ReferenceSet, build_reference, tie_fraction
 from infalign.rewards import CallableReward
+from infalign.scoring import token_logprobs
 
 PROMPTS = ["The cat", "Human: hi\n\nAssistant:", "A good answer", "x", "Birds sing", "We"]
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=8)
@@ -71,12 +72,56 @@ def test_round_trip(tiny_lm, full):
     assert meta["tie_fraction"] == pytest.approx(ref.tie_fraction())
     rows = read_jsonl(d / "reference.jsonl")
     assert [r["index"] for r in rows] == list(range(6))
-    assert set(rows[0]) == {"index", "prompt", "completions", "num_tokens", "rewards"}
+    assert set(rows[0]) == {
+        "index",
+        "prompt",
+        "completions",
+        "num_tokens",
+        "rewards",
+        "token_ids",
+        "logprobs",
+    }
+    assert torch.equal(loaded.logprobs, ref.logprobs) and loaded.token_ids == ref.token_ids
     cal = loaded.calibration()
     assert isinstance(cal, EmpiricalCalibration) and cal.num_prompts == 6
     # a second identical request reuses the artifact
     again = _build(tiny_lm, d, reward=Flaky(fail_at=1))
     assert torch.equal(again.rewards, ref.rewards)
+
+
+def test_stored_tokens_and_logprobs_are_the_samples(tiny_lm, full):
+    """``generation()`` rebuilds the sampled rows exactly: the token ids decode to the stored
+    texts, and the scorer's sequence log-probs on them equal the stored log pi_ref (1e-5)."""
+    model, tok = tiny_lm
+    _, ref = full
+    assert ref.logprobs.dtype == torch.float64 and ref.logprobs.shape == (6, 4)
+    assert [[len(t) for t in g] for g in ref.token_ids] == ref.num_tokens.tolist()
+    idx = torch.tensor([[3, 0], [1, 2], [0, 3]])
+    gen = ref.generation(tok, [5, 0, 2], idx)
+    assert gen.num_prompts == 3 and gen.num_samples == 2
+    assert gen.texts == [[ref.completions[p][int(j)] for j in js] for p, js in zip([5, 0, 2], idx)]
+    flat = tok.batch_decode(
+        [gen.completion_ids[b, : int(gen.completion_mask[b].sum())].tolist() for b in range(6)],
+        skip_special_tokens=True,
+    )
+    assert flat == [t for g in gen.texts for t in g]
+    lp = token_logprobs(model, gen, temperature=SAMPLING.temperature)
+    seq = (lp.double() * gen.completion_mask.double()).sum(-1).view(3, 2)
+    want = torch.stack([ref.logprobs[p, js] for p, js in zip([5, 0, 2], idx)])
+    assert torch.allclose(seq, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="sample_idx"):
+        ref.generation(tok, [0, 1], torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_old_format_is_reported(full, tmp_path):
+    d, _ = full
+    for f in ("reference.json", "reference.jsonl"):
+        (tmp_path / f).write_bytes((d / f).read_bytes())
+    meta = read_json(tmp_path / "reference.json")
+    meta["format_version"] = 1
+    atomic_write_json(tmp_path / "reference.json", meta)
+    with pytest.raises(ValueError, match=r"format_version=1.*delete the directory"):
+        ReferenceSet.load(tmp_path)
 
 
 def test_resume_equals_uninterrupted(tiny_lm, full, tmp_path):
