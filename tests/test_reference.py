@@ -99,7 +99,9 @@ def test_stored_tokens_and_logprobs_are_the_samples(tiny_lm, full):
     idx = torch.tensor([[3, 0], [1, 2], [0, 3]])
     gen = ref.generation(tok, [5, 0, 2], idx)
     assert gen.num_prompts == 3 and gen.num_samples == 2
-    assert gen.texts == [[ref.completions[p][int(j)] for j in js] for p, js in zip([5, 0, 2], idx)]
+    assert gen.texts == [
+        [ref.completions[p][int(j)] for j in js] for p, js in zip([5, 0, 2], idx, strict=True)
+    ]
     flat = tok.batch_decode(
         [gen.completion_ids[b, : int(gen.completion_mask[b].sum())].tolist() for b in range(6)],
         skip_special_tokens=True,
@@ -107,7 +109,7 @@ def test_stored_tokens_and_logprobs_are_the_samples(tiny_lm, full):
     assert flat == [t for g in gen.texts for t in g]
     lp = token_logprobs(model, gen, temperature=SAMPLING.temperature)
     seq = (lp.double() * gen.completion_mask.double()).sum(-1).view(3, 2)
-    want = torch.stack([ref.logprobs[p, js] for p, js in zip([5, 0, 2], idx)])
+    want = torch.stack([ref.logprobs[p, js] for p, js in zip([5, 0, 2], idx, strict=True)])
     assert torch.allclose(seq, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="sample_idx"):
         ref.generation(tok, [0, 1], torch.zeros(3, 1, dtype=torch.long))

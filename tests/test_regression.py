@@ -136,7 +136,7 @@ def test_resume_equals_uninterrupted(tiny_lm, refset, tmp_path):
 def test_input_validation(tiny_lm, refset, tmp_path):
     with pytest.raises(ValueError, match="samples_per_prompt=32 exceeds the K=16"):
         make(tiny_lm, refset, tmp_path / "a", samples_per_prompt=32)
-    with pytest.raises(ValueError, match="rl.algorithm='ppo'"):
+    with pytest.raises(ValueError, match=r"rl\.algorithm='ppo'"):
         RLConfig(algorithm="ppo").validate()
     RLConfig(algorithm="regression", samples_per_prompt=1).validate()  # no leave-one-out needed
     with pytest.raises(ValueError, match="RLOO needs M >= 2"):
