@@ -178,6 +178,10 @@ class RLConfig:
     bf16: bool = False
     save_every: int = 50
     seed: int = 0
+    # adapt beta toward this mean sequence KL (nats) per step: beta *= 1 + clip(KL/target - 1,
+    # -0.2, 0.2) / kl_horizon. None (default): fixed beta, the exact objective of spec section 6.
+    kl_target: float | None = None
+    kl_horizon: int = 20
     # KL budget (nats) at which exp:auto / negexp:auto / optimal are resolved into a fixed transform
     # (infalign.theory.resolve_transform, for the deployed procedure ``report.procedure``)
     target_kl: float = 0.5
@@ -198,6 +202,18 @@ class RLConfig:
                 _fail(f"{path}.{name}", getattr(self, name), "must be >= 1")
         if not self.lr > 0:
             _fail(f"{path}.lr", self.lr, "must be > 0")
+        if self.kl_target is not None:
+            if not self.kl_target > 0:
+                _fail(f"{path}.kl_target", self.kl_target, "must be > 0 nats or null")
+            if self.algorithm != "rloo":
+                _fail(
+                    f"{path}.kl_target",
+                    self.kl_target,
+                    "the KL controller is for rl.algorithm=rloo (regression's target is the optimum "
+                    "at a fixed beta)",
+                )
+        if self.kl_horizon < 1:
+            _fail(f"{path}.kl_horizon", self.kl_horizon, "must be >= 1")
         if not 0 < self.clip_eps < 1:
             _fail(f"{path}.clip_eps", self.clip_eps, "must be in (0, 1)")
 

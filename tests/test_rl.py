@@ -382,3 +382,33 @@ def test_two_process_accelerate_run(tiny_lm_dir, tmp_path):
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and state["num_processes"] == 2
     assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_adaptive_beta_controller():
+    from infalign.rl.advantages import adaptive_beta
+
+    assert adaptive_beta(0.1, 0.5, 0.5, 10) == pytest.approx(0.1)
+    assert adaptive_beta(0.1, 5.0, 0.5, 10) == pytest.approx(0.1 * 1.02)  # clipped at +20 %
+    assert adaptive_beta(0.1, 0.0, 0.5, 1) == pytest.approx(0.08)  # clipped at -20 %
+    assert adaptive_beta(0.1, float("nan"), 0.5, 1) == 0.1
+    with pytest.raises(ValueError):
+        adaptive_beta(0.1, 0.5, 0.0, 1)
+    with pytest.raises(ValueError, match="kl_target"):
+        RLConfig(kl_target=-1.0).validate()
+    with pytest.raises(ValueError, match="regression"):
+        RLConfig(algorithm="regression", kl_target=0.5).validate()
+
+
+def test_kl_controller_moves_beta_and_resumes(tiny_lm, calibration, tmp_path):
+    kw = dict(kl_target=1e-4, kl_horizon=1, save_every=2)
+    tr = make_trainer(tiny_lm, calibration, tmp_path / "c", steps=3, **kw)
+    hist = tr.train()
+    betas = [h["rl/beta"] for h in hist]
+    assert betas[0] == 0.05 and all(b > 0 for b in betas)
+    for h, nxt in zip(
+        hist, [*betas[1:], tr.beta], strict=True
+    ):  # each step's KL sets the next beta
+        e = min(max(h["rl/kl_seq"] / 1e-4 - 1, -0.2), 0.2)
+        assert nxt == pytest.approx(h["rl/beta"] * (1 + e))
+    again = make_trainer(tiny_lm, calibration, tmp_path / "c", steps=3, resume=True, **kw)
+    assert again.beta == tr.beta

@@ -17,6 +17,7 @@ from infalign.calibration import EmpiricalCalibration
 from infalign.transforms import Transform, parse_transform
 
 __all__ = [
+    "adaptive_beta",
     "ctrl_reward",
     "kl_penalized_reward",
     "rloo_advantages",
@@ -139,3 +140,21 @@ def ctrl_reward(
     if calibration is None:
         raise ValueError(f"transform {str(phi)!r} needs a fitted calibration, got None")
     return phi(calibration(rewards))
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int) -> float:
+    """One step of the proportional KL controller (Ziegler et al. 2019):
+    ``beta * (1 + clip(kl / target - 1, -0.2, 0.2) / horizon)``.
+
+    It moves beta so that the measured KL approaches ``target``; the run then no longer optimises
+    ``E[R] - beta KL`` for one beta (the fixed-beta default does), so use it to hit a KL budget and
+    report the final beta. A non-finite ``kl`` leaves beta unchanged.
+    """
+    if not (target > 0 and horizon >= 1 and beta > 0):
+        raise ValueError(
+            f"need beta > 0, target > 0, horizon >= 1; got {beta}, {target}, {horizon}"
+        )
+    if not kl == kl or kl in (float("inf"), float("-inf")):
+        return beta
+    err = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + err / horizon)

@@ -39,6 +39,7 @@ from infalign.models import Generation, derive_seed, generate
 from infalign.rewards import RewardFn, score
 from infalign.rl import checkpoint as ckpt_io
 from infalign.rl.advantages import (
+    adaptive_beta,
     ctrl_reward,
     kl_penalized_reward,
     rloo_advantages,
@@ -175,6 +176,7 @@ class CTRLTrainer:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.is_peft = is_peft
+        self.beta = float(rl.beta)  # moved by the KL controller when rl.kl_target is set
         self.step = 0  # completed steps
         self._saved_step = -1  # step of the last checkpoint written or loaded
         self._perm_cache: dict[int, list[int]] = {}
@@ -258,6 +260,10 @@ class CTRLTrainer:
             self.step += 1
             t_end = time.perf_counter()
             metrics = self._metrics(raw, calibrated, reward, gen, stats, diag)
+            if rl.kl_target is not None:  # the beta of the next step
+                self.beta = adaptive_beta(
+                    self.beta, metrics["rl/kl_seq"], rl.kl_target, rl.kl_horizon
+                )
             metrics["rl/time/generate"] = t_gen - t_start
             metrics["rl/time/reward"] = t_rew - t_gen
             metrics["rl/time/forward_backward"] = t_end - t_rew
@@ -300,7 +306,8 @@ class CTRLTrainer:
             "rl/reward_calibrated": mean.get("reward_calibrated", float("nan")),
             "rl/reward_transformed": mean["reward_transformed"],
             "rl/kl_seq": mean["kl_seq"],
-            "rl/kl_penalty": rl.beta * mean["kl_seq"],
+            "rl/kl_penalty": self.beta * mean["kl_seq"],
+            "rl/beta": self.beta,
             "rl/advantage_std": max(adv_var, 0.0) ** 0.5,
             "rl/entropy": mean["entropy"],
             "rl/completion_length": mean["completion_length"],
@@ -343,7 +350,7 @@ class CTRLTrainer:
                         n = len(chunk)
                         seq = sequence_logprob(lp.detach(), mask).double().cpu().view(n, -1)
                         seq_ref = sequence_logprob(ref_lp, mask).double().cpu().view(n, -1)
-                        r_pen = kl_penalized_reward(reward[chunk], seq, seq_ref, rl.beta)
+                        r_pen = kl_penalized_reward(reward[chunk], seq, seq_ref, self.beta)
                         adv_pm = rloo_advantages(r_pen, normalize_std=rl.normalize_std)
                         adv = adv_pm.flatten().to(device=acc.device, dtype=torch.float32)
                         loss, d = policy_gradient_loss(lp, None, adv, mask, rl.clip_eps)
@@ -423,7 +430,7 @@ class CTRLTrainer:
     # --- checkpoints (files and state: infalign.rl.checkpoint) -------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return ckpt_io.trainer_state(
+        state = ckpt_io.trainer_state(
             step=self.step,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
@@ -433,6 +440,8 @@ class CTRLTrainer:
             transform="raw" if self.transform is None else str(self.transform),
             num_processes=self.accelerator.num_processes,
         )
+        state["beta"] = self.beta
+        return state
 
     def save_checkpoint(self, collective: bool = True) -> Path:
         """Write ``out_dir/checkpoint`` atomically (temp dir, then rename): the model (safetensors)
@@ -473,6 +482,7 @@ class CTRLTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt_io.restore_rng_state(state["rng"])
         self.step = self._saved_step = int(state["step"])
+        self.beta = float(state.get("beta", self.rl.beta))
         if self.accelerator.is_main_process:
             ckpt_io.truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
