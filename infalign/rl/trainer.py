@@ -281,7 +281,7 @@ class CTRLTrainer:
         diag: dict[str, float],
     ) -> dict[str, float]:
         """Means over all processes' samples (one all-reduce of (sum, count) pairs)."""
-        acc, rl = self.accelerator, self.rl
+        acc = self.accelerator
         W, dev = acc.num_processes, acc.device
         n_seq = float(raw.numel())
         local = {
