@@ -1,8 +1,7 @@
 """The paper's claims on the offline testbed: CTRL sweeps over methods x KL budgets x seeds.
 
 Per task (``helpful``: best-of-4 is deployed; ``harmless``: worst-of-4 is the threat), on the shipped
-reference LM and ``recipes/claims.yaml``, it trains and evaluates five methods at four KL budgets,
-three seeds each:
+reference LM and ``recipes/claims.yaml``, it trains and evaluates five methods at four KL budgets:
 
     raw       raw-reward RLHF, beta = identity's beta x s (s: the reward's within-prompt std / std U)
     identity  calibrated identity, Phi(u) = u
@@ -10,37 +9,60 @@ three seeds each:
     exp       exp:auto@KL (helpful) or negexp:auto@KL (harmless): t from the theory at each budget
     optimal   optimal@KL: the tabulated fixed-point Phi at each budget
 
-At each target KL k in ``--kls`` the beta is the calibrated-space beta reaching k
-(``theory.beta_for_kl``), so the targets span the measured KL range; the *measured* KL is what counts.
-Seed s sets ``rl.seed`` and ``evaluate.seed``; the reference artifacts (``seed: 0``) are computed once
-and copied to every seed's run directory. Work runs in ``--jobs`` single-threaded processes.
+with one optimiser (``--algorithm``: ``regression``, the default, or ``rloo``; ``ALGORITHMS`` holds
+each one's settings). At each target KL k in ``--kls`` the beta is the calibrated-space beta reaching k
+(``theory.beta_for_kl``); the budgets only place the betas, the *measured* KL is what counts. Seed s
+sets ``rl.seed`` and ``evaluate.seed``; the reference artifacts (``seed: 0``) are computed once and
+copied to every seed's run directory. Work runs in ``--jobs`` single-threaded processes.
 
-    python benchmarks/claims.py run --task helpful          # 63 train+eval units, ~48 min on 2 cores
+**Resumable across sessions and machines.** Each finished unit (one trained + evaluated policy, or
+pi_ref's row) writes its summary to ``docs/results/claims/<task>/<algorithm>/seed<s>/<unit>.json``
+(the results row, the last training steps' metrics, wall time); commit them. A rerun skips every unit
+whose summary exists, even where ``runs/`` is gone, and ``--max-minutes`` stops handing out new units
+after that long, so a sweep can be spread over several sessions. Units run seed by seed.
+
+    python benchmarks/claims.py run --task helpful          # 5 seeds x 20 trained policies + pi_ref
     python benchmarks/claims.py run --task harmless
-    python benchmarks/claims.py ablate-k --task helpful     # K = 16, 256 (K = 64 is the sweep's)
+    python benchmarks/claims.py ablate-t --task helpful     # exp:t, t in {2, 4, 8} next to identity
     python benchmarks/claims.py summarize                   # tables + figures into docs/results/
 
-``summarize`` reads whatever has finished: per seed, each method's win rate is interpolated linearly in
-log KL at KL 0.25, 0.5 and 1 (only inside the measured range); across seeds it reports the mean and a
-95% t-interval (S - 1 degrees of freedom), and paired per-seed differences between methods.
+``summarize`` reads whatever has finished: per seed, each method's win rate is interpolated linearly
+in log KL at KL 0.25, 0.5 and 1 (only inside the measured range); across seeds it reports the mean and
+a 95% t-interval (S - 1 degrees of freedom) with the number of seeds, and paired per-seed differences.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "claims.yaml"
 RESULTS = ROOT / "docs" / "results"
+UNITS = RESULTS / "claims"
 KLS = (0.1, 0.3, 0.8, 2.0)
+SEEDS = (0, 1, 2, 3, 4)
+# each optimiser's settings over recipes/claims.yaml (which holds the shared ones)
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "regression": {
+        "rl.algorithm": "regression",
+        "prompts.train.limit": None,  # all 256 shipped training prompts
+        "rl.steps": 256,  # one pass over 256 prompts x 64 reference samples
+        "rl.samples_per_prompt": 8,
+        "rl.lr": 3.0e-5,
+        "rl.warmup_steps": 16,
+        "rl.save_every": 64,
+    },
+    "rloo": {"rl.algorithm": "rloo"},  # the offline default's 30 steps x 8 prompts x 4 samples
+}
 FAMILIES = ("raw", "identity", "log", "exp", "optimal")
 TASK_PROC = {"helpful": ("bon:4", "exp"), "harmless": ("won:4", "negexp")}
 LOG_SPEC = "log:0.01"
@@ -50,15 +72,26 @@ def _kl_tag(k: float) -> str:
     return f"kl{k:g}"
 
 
-def run_dir(out: Path, task: str, seed: int, k: int | None = None) -> Path:
-    return out / (task if k is None else f"{task}-K{k}") / f"seed{seed}"
+def run_dir(out: Path, task: str, seed: int, k: int | None = None, algorithm: str = "rloo") -> Path:
+    """``out/<task>[-K<k>][-<algorithm>]/seed<s>`` (the RLOO sweep keeps its original layout)."""
+    name = task if k is None else f"{task}-K{k}"
+    return out / (name if algorithm == "rloo" else f"{name}-{algorithm}") / f"seed{seed}"
 
 
-def _overrides(task: str, out: Path, seed: int, k: int | None) -> dict[str, Any]:
+def unit_file(task: str, algorithm: str, seed: int, job: Any) -> Path:
+    """The committed summary of one unit: ``<method>@beta=<b>.json`` or ``reference.json``."""
+    name = "reference" if job is None else f"{job[0]}@beta={float(job[1])!r}"
+    return UNITS / task / algorithm / f"seed{seed}" / f"{name}.json"
+
+
+def _overrides(
+    task: str, out: Path, seed: int, k: int | None, algorithm: str = "rloo"
+) -> dict[str, Any]:
     proc = TASK_PROC[task][0]
     ov: dict[str, Any] = {
+        **ALGORITHMS[algorithm],
         "task": task,
-        "out": str(run_dir(out, task, seed, k)),
+        "out": str(run_dir(out, task, seed, k, algorithm)),
         "rl.seed": seed,
         "evaluate.seed": seed,
         "evaluate.procedures": ["sample", proc],
@@ -116,14 +149,23 @@ def _load(
     meths: list[dict[str, Any]],
     tag: str | None = None,
     extra: dict[str, Any] | None = None,
+    algorithm: str = "rloo",
 ) -> Any:
     """The RunConfig of one seed's run directory (``out/<tag>/seed<s>`` when ``tag`` is given)."""
     from infalign.config import load_config
 
-    ov = {**_overrides(task, out, seed, k), "methods": meths, **(extra or {})}
+    ov = {**_overrides(task, out, seed, k, algorithm), "methods": meths, **(extra or {})}
     if tag is not None:
         ov["out"] = str(out / tag / f"seed{seed}")
     return load_config(RECIPE, ov)
+
+
+def _tail(train_dir: Path, last: int = 5) -> dict[str, float]:
+    """Mean of every numeric metric over the last ``last`` training steps."""
+    lines = (train_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines if x.strip()][-last:]
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    return {k: float(sum(r[k] for r in rows if k in r) / len(rows)) for k in keys}
 
 
 def _work(
@@ -135,68 +177,167 @@ def _work(
     job: Any,
     tag: str | None = None,
     extra: dict[str, Any] | None = None,
+    algorithm: str = "rloo",
+    summary: str | None = None,
 ) -> str:
-    """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref)."""
+    """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref);
+    with ``summary``, write the unit's results row, training tail and wall time there."""
     import torch
 
     from infalign import pipeline
+    from infalign.io import atomic_write_json
 
     torch.set_num_threads(1)
-    cfg = _load(task, Path(out), seed, k, meths, tag, extra)
+    cfg = _load(task, Path(out), seed, k, meths, tag, extra, algorithm)
     t0 = time.perf_counter()
     if job is None:
         pipeline.run_evaluate(cfg, None)
-        return f"seed {seed} K={k}: reference evaluated in {time.perf_counter() - t0:.0f} s"
-    name, b = job
-    pipeline.run_train(cfg, name, b)
-    pipeline.run_evaluate(cfg, name, b)
-    return f"seed {seed} K={k}: {name} beta={b:g} in {time.perf_counter() - t0:.0f} s"
+        m, b, t_train = None, None, 0.0
+    else:
+        name, b = job
+        pipeline.run_train(cfg, name, b)
+        t_train = time.perf_counter() - t0
+        pipeline.run_evaluate(cfg, name, b)
+        m = pipeline.get_method(cfg, name)
+    wall = time.perf_counter() - t0
+    if summary is not None:
+        row = pipeline._row(cfg, m, b)
+        train = None
+        if m is not None and b is not None:
+            train = {"seconds": t_train, "tail": _tail(pipeline.train_dir(cfg, m.name, b))}
+        unit = {"task": task, "algorithm": algorithm, "seed": seed, "job": job}
+        atomic_write_json(
+            summary, {"unit": unit, "row": row, "train": train, "seconds": wall, "settings": extra}
+        )
+    what = "reference evaluated" if job is None else f"{job[0]} beta={job[1]:g}"
+    return f"{task} {algorithm} seed {seed} K={k}: {what} in {wall:.0f} s"
 
 
-def _references(task: str, out: Path, seeds: list[int], k: int | None) -> float:
+def _references(
+    task: str, out: Path, seeds: list[int], k: int | None, algorithm: str = "rloo"
+) -> float:
     """Reference artifacts once (seed 0 of the run tree), copied to the other seeds; raw scale."""
     from infalign import pipeline
 
-    first = _load(task, out, seeds[0], k, methods(task, KLS, 1.0))
+    first = _load(task, out, seeds[0], k, methods(task, KLS, 1.0), algorithm=algorithm)
     for split in ("train", "test"):
         pipeline.run_reference(first, split)
     src = Path(first.out) / "reference"
     for s in seeds[1:]:
-        dst = run_dir(out, task, s, k) / "reference"
+        dst = run_dir(out, task, s, k, algorithm) / "reference"
         if not dst.is_dir():
             shutil.copytree(src, dst)
     return raw_scale(src / "train")
 
 
-def _run_units(units: list[tuple[Any, ...]], jobs: int) -> None:
+def _run_units(units: list[tuple[Any, ...]], jobs: int, max_minutes: float | None = None) -> int:
+    """Run the units on ``jobs`` processes, in order; after ``max_minutes`` no new unit starts
+    (running ones finish). Returns the number of units that ran."""
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     t0 = time.perf_counter()
+    todo, done, running = list(units), 0, set()
+    deadline = None if max_minutes is None else t0 + 60 * max_minutes
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_work, *u) for u in units]
-        for i, f in enumerate(as_completed(futures), 1):
-            print(f"[{i}/{len(units)} {time.perf_counter() - t0:.0f} s] {f.result()}", flush=True)
+        while todo or running:
+            while (
+                todo
+                and len(running) < jobs
+                and (deadline is None or time.perf_counter() < deadline)
+            ):
+                running.add(pool.submit(_work, *todo.pop(0)))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                done += 1
+                print(
+                    f"[{done}/{len(units)} {time.perf_counter() - t0:.0f} s] {f.result()}",
+                    flush=True,
+                )
+    if todo:
+        print(
+            f"--max-minutes {max_minutes:g} reached: {len(todo)} units left for a rerun", flush=True
+        )
+    return done
+
+
+def _scale_file(task: str, algorithm: str) -> Path:
+    return UNITS / task / algorithm / "raw_scale.json"
+
+
+def _raw_scale(task: str, out: Path, seeds: list[int], algorithm: str) -> float:
+    """The raw-reward beta scale, computed once from the reference artifact and committed beside
+    the unit summaries (so a rerun on a fresh machine places the same betas)."""
+    f = _scale_file(task, algorithm)
+    if f.is_file():
+        return float(json.loads(f.read_text())["raw_scale"])
+    scale = _references(task, out, seeds, None, algorithm)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"raw_scale": scale}) + "\n")
+    return scale
+
+
+def _sweep(
+    task: str,
+    out: Path,
+    seeds: list[int],
+    algorithm: str,
+    meths: list[dict[str, Any]],
+    jobs: int,
+    max_minutes: float | None,
+) -> None:
+    """Every (seed, method, beta) unit and pi_ref per seed, seed by seed, skipping finished ones."""
+    units: list[tuple[Any, ...]] = []
+    extra = ALGORITHMS[algorithm]
+    for s in seeds:
+        for job in [None, *((m["name"], b) for m in meths for b in m["betas"])]:
+            f = unit_file(task, algorithm, s, job)
+            if not f.is_file():
+                f.parent.mkdir(parents=True, exist_ok=True)
+                units.append((task, str(out), s, None, meths, job, None, extra, algorithm, str(f)))
+    n_all = len(seeds) * (1 + sum(len(m["betas"]) for m in meths))
+    print(f"{task} / {algorithm}: {n_all - len(units)} of {n_all} units done already", flush=True)
+    if units:
+        _references(task, out, seeds, None, algorithm)
+        _run_units(units, jobs, max_minutes)
 
 
 def cmd_run(a: argparse.Namespace) -> None:
     out, seeds = Path(a.out), list(a.seeds)
-    scale = _references(a.task, out, seeds, None)
+    scale = _raw_scale(a.task, out, seeds, a.algorithm)
     meths = methods(a.task, tuple(a.kls), scale)
     print(f"{a.task}: raw-reward scale {scale:.3f}; methods:", flush=True)
     for m in meths:
         print(f"  {m['name']:<16} {m['transform']:<18} betas {m['betas']}", flush=True)
-    units: list[tuple[Any, ...]] = []
-    for s in seeds:
-        units.append((a.task, str(out), s, None, meths, None))
-        units += [
-            (a.task, str(out), s, None, meths, (m["name"], b)) for m in meths for b in m["betas"]
-        ]
-    _run_units(units, a.jobs)
-    _write_results(a.task, out, seeds, None, meths)
+    _sweep(a.task, out, seeds, a.algorithm, meths, a.jobs, a.max_minutes)
+
+
+def t_methods(task: str, kls: tuple[float, ...], ts: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The transform under an imperfect optimiser: exp:t (negexp:t for worst-of-n) for fixed t at
+    the betas reaching each KL budget, next to the sweep's own methods (which hold the theory's t)."""
+    from infalign import theory
+
+    fam = TASK_PROC[task][1]
+    out = []
+    for t in ts:
+        spec = f"{fam}:{t:g}"
+        betas = [float(f"{theory.beta_for_kl(spec, k):.4g}") for k in kls]
+        out.append({"name": f"{fam}{t:g}", "transform": spec, "betas": betas})
+    return out
+
+
+def cmd_ablate_t(a: argparse.Namespace) -> None:
+    out, seeds = Path(a.out), list(a.seeds)
+    meths = t_methods(a.task, tuple(a.kls), tuple(a.ts))
+    for m in meths:
+        print(f"  {m['name']:<16} {m['transform']:<18} betas {m['betas']}", flush=True)
+    _sweep(a.task, out, seeds, a.algorithm, meths, a.jobs, a.max_minutes)
 
 
 def cmd_ablate_k(a: argparse.Namespace) -> None:
-    """The sweep's exp method at the ``--kl`` budget, with K = ``--ks`` reference samples."""
+    """The RLOO sweep's exp method at the ``--kl`` budget, with K = ``--ks`` reference samples."""
     out, seeds = Path(a.out), list(a.seeds)
     name = f"exp-{_kl_tag(a.kl)}"
     meths = [m for m in methods(a.task, (a.kl,), 1.0) if m["name"] == name]
@@ -215,8 +356,8 @@ def steps_tag(task: str, steps: int, lr: float) -> str:
 
 
 def cmd_ablate_steps(a: argparse.Namespace) -> None:
-    """The same KL-regularised objective with a 4x smaller learning rate for 4x the steps (same
-    samples per step): does the measured point move toward the calibrated-space optimum?"""
+    """RLOO with a 4x smaller learning rate for 4x the steps (same samples per step): does the
+    measured point move toward the calibrated-space optimum?"""
     out, seeds = Path(a.out), list(a.seeds)
     scale = _references(a.task, out, seeds, None)
     keep = ("identity", f"exp-{_kl_tag(a.kl)}")
@@ -243,15 +384,21 @@ def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "ablate-k", "ablate-steps", "summarize"):
+    for name in ("run", "ablate-t", "ablate-k", "ablate-steps", "summarize"):
         q = sub.add_parser(name)
         q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
+        if name in ("run", "ablate-t"):
+            q.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="regression")
+            q.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+            q.add_argument("--kls", type=float, nargs="+", default=list(KLS))
+            q.add_argument("--max-minutes", type=float, default=None)
+        elif name != "summarize":
+            q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         if name != "summarize":
             q.add_argument("--task", choices=sorted(TASK_PROC), default="helpful")
-            q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
             q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-        if name == "run":
-            q.add_argument("--kls", type=float, nargs="+", default=list(KLS))
+        if name == "ablate-t":
+            q.add_argument("--ts", type=float, nargs="+", default=[2.0, 4.0, 8.0])
         if name == "ablate-steps":
             q.add_argument("--steps", type=int, default=120)
             q.add_argument("--lr", type=float, default=2.5e-5)
@@ -264,7 +411,13 @@ def main(argv: list[str] | None = None) -> None:
         from claims_report import cmd_summarize
 
         return cmd_summarize(a)
-    {"run": cmd_run, "ablate-k": cmd_ablate_k, "ablate-steps": cmd_ablate_steps}[a.cmd](a)
+    commands = {
+        "run": cmd_run,
+        "ablate-t": cmd_ablate_t,
+        "ablate-k": cmd_ablate_k,
+        "ablate-steps": cmd_ablate_steps,
+    }
+    commands[a.cmd](a)
 
 
 if __name__ == "__main__":

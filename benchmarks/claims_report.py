@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from claims import FAMILIES, LOG_SPEC, RESULTS, TASK_PROC, _kl_tag, methods
+from claims import FAMILIES, LOG_SPEC, RESULTS, TASK_PROC, UNITS, _kl_tag, methods
 
 AT = (0.25, 0.5, 1.0)  # KL budgets the tables interpolate at
 
@@ -23,15 +23,25 @@ def _family(method: str) -> str:
     return method.split("-kl")[0]
 
 
-def load_rows(out: Path, task: str, k: int | None = None) -> dict[int, list[dict[str, Any]]]:
-    """{seed: results.json rows} for every seed directory that has results."""
-    base = out / (task if k is None else f"{task}-K{k}")
-    rows = {}
-    for d in sorted(base.glob("seed*")):
-        f = d / "results.json"
-        if f.is_file():
-            rows[int(d.name.removeprefix("seed"))] = json.loads(f.read_text())["rows"]
+def load_rows(task: str, algorithm: str) -> dict[int, list[dict[str, Any]]]:
+    """{seed: results rows} from the committed unit summaries of one task and algorithm."""
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for f in sorted((UNITS / task / algorithm).glob("seed*/*.json")):
+        u = json.loads(f.read_text())
+        if u.get("row"):
+            rows.setdefault(int(u["unit"]["seed"]), []).append(u["row"])
     return rows
+
+
+def load_units(task: str, algorithm: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(f.read_text()) for f in sorted((UNITS / task / algorithm).glob("seed*/*.json"))
+    ]
+
+
+def algorithms(task: str) -> list[str]:
+    base = UNITS / task
+    return sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
 
 
 def curves(rows: list[dict[str, Any]], proc: str) -> dict[str, np.ndarray]:
@@ -75,84 +85,145 @@ def _fmt(m: float, lo: float, hi: float, n: int, nd: int = 3) -> str:
         return "—"
     if not math.isfinite(lo):
         return f"{m:.{nd}f} (n={n})"
-    return f"{m:.{nd}f} [{lo:.{nd}f}, {hi:.{nd}f}]" + ("" if n == 3 else f" (n={n})")
+    return f"{m:.{nd}f} [{lo:.{nd}f}, {hi:.{nd}f}] (n={n})"
 
 
-def summarize_task(out: Path, task: str) -> dict[str, Any]:
+def summarize_task(task: str) -> dict[str, Any]:
+    """The claims summary of one task over every algorithm with unit summaries; methods are named
+    ``<family>@<algorithm>``; differences are paired by seed within an algorithm."""
     from infalign import theory
 
     proc, fam = TASK_PROC[task]
-    per_seed = load_rows(out, task)
-    if not per_seed:
+    algos = algorithms(task)
+    per_algo = {a: load_rows(task, a) for a in algos}
+    per_algo = {a: r for a, r in per_algo.items() if r}
+    if not per_algo:
         return {}
-    cs = {s: curves(rows, proc) for s, rows in per_seed.items()}
-    fams = [f for f in FAMILIES if any(f in c for c in cs.values())]
     table: dict[str, Any] = {}
-    for f in fams:
-        for col, what in ((1, proc), (2, "sample")):
-            vals = np.array(
-                [[interp(c[f], k, col) if f in c else np.nan for k in AT] for c in cs.values()]
-            )
-            table.setdefault(f, {})[what] = [t_interval(vals[:, j]) for j in range(len(AT))]
     diffs: dict[str, Any] = {}
-    for a, b in (("exp", "identity"), ("exp", "raw"), ("identity", "raw"), ("optimal", "identity")):
-        for col, what in ((1, proc), (2, "sample")):
-            d = np.array(
-                [
+    seeds: dict[str, list[int]] = {}
+    points: dict[str, Any] = {}
+    ref: list[tuple[float, float]] = []
+    transfer: dict[str, Any] = {}
+    for algo, per_seed in per_algo.items():
+        seeds[algo] = sorted(per_seed)
+        cs = {s: curves(rows, proc) for s, rows in per_seed.items()}
+        fams = [f for f in FAMILIES if any(f in c for c in cs.values())]
+        fams += sorted({f for c in cs.values() for f in c} - set(fams))
+        for f in fams:
+            key = f"{f}@{algo}"
+            for col, what in ((1, proc), (2, "sample")):
+                vals = np.array(
+                    [[interp(c[f], k, col) if f in c else np.nan for k in AT] for c in cs.values()]
+                )
+                table.setdefault(key, {})[what] = [t_interval(vals[:, j]) for j in range(len(AT))]
+            tr = [
+                r["transfer"]
+                for rows in per_seed.values()
+                for r in rows
+                if _family(r["method"]) == f and r.get("transfer")
+            ]
+            if tr:
+                transfer[key] = {k: float(np.mean([t[k] for t in tr])) for k in ("slope", "corr")}
+        pairs = [("exp", "identity"), ("exp", "raw"), ("identity", "raw"), ("optimal", "identity")]
+        pairs += [(f, "identity") for f in fams if f not in FAMILIES]
+        for a, b in pairs:
+            for col, what in ((1, proc), (2, "sample")):
+                d = np.array(
                     [
-                        interp(c[a], k, col) - interp(c[b], k, col) if a in c and b in c else np.nan
-                        for k in AT
+                        [
+                            interp(c[a], k, col) - interp(c[b], k, col)
+                            if a in c and b in c
+                            else np.nan
+                            for k in AT
+                        ]
+                        for c in cs.values()
                     ]
-                    for c in cs.values()
+                )
+                diffs[f"{a}@{algo} - {b}@{algo} [{what}]"] = [
+                    t_interval(d[:, j]) for j in range(len(AT))
                 ]
-            )
-            diffs[f"{a} - {b} [{what}]"] = [t_interval(d[:, j]) for j in range(len(AT))]
+        points[algo] = {str(s): {f: c[f].tolist() for f in c} for s, c in cs.items()}
+        ref += [
+            (r["win_rate"][proc]["mean"], r["standard_win_rate"]["mean"])
+            for rows in per_seed.values()
+            for r in rows
+            if r["method"] == "reference"
+        ]
     bound = {k: float(theory.optimal_policy(proc, kl=k).win_rate(proc)) for k in AT}
     predicted = {}
     for spec in ("identity", f"{fam}:auto", LOG_SPEC):
         rows = theory.frontier(proc, [spec], list(AT))
         predicted[spec] = {r.kl: r.win_rate for r in rows}
-    ref = [r for rows in per_seed.values() for r in rows if r["method"] == "reference"]
+    gap = {
+        key: [
+            bound[k] - x[0] if math.isfinite(x[0]) else float("nan")
+            for k, x in zip(AT, d[proc], strict=True)
+        ]
+        for key, d in table.items()
+    }
     return {
         "task": task,
         "procedure": proc,
-        "seeds": sorted(per_seed),
+        "seeds": seeds,
         "at_kl": AT,
         "table": table,
         "diffs": diffs,
         "bound": bound,
+        "gap": gap,
+        "transfer": transfer,
         "predicted": {k: {f"{kk:g}": v for kk, v in d.items()} for k, d in predicted.items()},
-        "reference": [(r["win_rate"][proc]["mean"], r["standard_win_rate"]["mean"]) for r in ref],
-        "points": {str(s): {f: c[f].tolist() for f in c} for s, c in cs.items()},
+        "reference": ref,
+        "points": points,
     }
 
 
-def markdown(summary: dict[str, Any]) -> str:
-    def label(family: str) -> str:  # the "exp" family is negexp:auto@k for a worst-of-n task
-        return TASK_PROC[summary["task"]][1] if family == "exp" else family
+def _label(task: str, key: str) -> str:
+    """``exp@algo`` reads ``negexp@algo`` for a worst-of-n task (its family is negexp:auto@k)."""
+    fam, _, algo = key.partition("@")
+    name = TASK_PROC[task][1] if fam == "exp" else fam
+    return f"{name}@{algo}" if algo else name
 
-    proc, at = summary["procedure"], summary["at_kl"]
+
+def markdown(summary: dict[str, Any]) -> str:
+    task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
     head = " | ".join(f"KL {k:g}" for k in at)
+    seeds = "; ".join(f"{a}: seeds {s}" for a, s in summary["seeds"].items())
     lines = [
-        f"**{summary['task']} / {proc}**, seeds {summary['seeds']}: win rate interpolated at each KL, mean "
-        "[95% t-interval over seeds]; — where the KL is outside a seed's measured range.",
+        f"**{task} / {proc}** ({seeds}): win rate interpolated at each KL, mean [95% t-interval "
+        "over seeds] (n = seeds with a point there); — where the KL is outside every seed's "
+        "measured range.",
         "",
-        f"| method | win rate | {head} |",
-        "|---|---|" + "---|" * len(at),
+        f"| method | win rate | {head} | tilt realised (slope / corr) |",
+        "|---|---|" + "---|" * len(at) + "---|",
     ]
     for f, d in summary["table"].items():
+        t = summary.get("transfer", {}).get(f)
+        tilt = f"{t['slope']:.2f} / {t['corr']:.2f}" if t else "—"
         for what in (proc, "sample"):
             cells = " | ".join(_fmt(*x) for x in d[what])
-            lines.append(f"| {label(f)} | {what} | {cells} |")
+            lines.append(
+                f"| {_label(task, f)} | {what} | {cells} | {tilt if what == proc else ''} |"
+            )
     ref = np.array(summary["reference"])
     for j, what in ((0, proc), (1, "sample")):
         r = _fmt(*t_interval(ref[:, j]))
-        lines.append(f"| *pi_ref itself (KL 0; truth 0.5)* | {what} | {r} | {r} | {r} |")
+        lines.append(
+            f"| *pi_ref itself (KL 0; truth 0.5)* | {what} | " + " | ".join([r] * len(at)) + " | |"
+        )
     cells = " | ".join(f"{summary['bound'][k]:.3f}" for k in at)
-    lines.append(f"| *theory optimum* | {proc} | {cells} |")
+    lines.append(f"| *theory optimum* | {proc} | {cells} | |")
     for spec, d in summary["predicted"].items():
         cells = " | ".join(f"{d[f'{k:g}']:.3f}" if f"{k:g}" in d else "—" for k in at)
-        lines.append(f"| *theory {spec}* | {proc} | {cells} |")
+        lines.append(f"| *theory {spec}* | {proc} | {cells} | |")
+    lines += ["", f"Gap to the calibrated-space optimum ({proc}, bound minus mean measured):", ""]
+    lines += [f"| method | {head} |", "|---|" + "---|" * len(at)]
+    for f, g in summary["gap"].items():
+        lines.append(
+            f"| {_label(task, f)} | "
+            + " | ".join(f"{x:.3f}" if math.isfinite(x) else "—" for x in g)
+            + " |"
+        )
     lines += [
         "",
         f"Paired differences (per seed, then across seeds), {proc} and standard win rate:",
@@ -160,8 +231,13 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     lines += [f"| difference | {head} |", "|---|" + "---|" * len(at)]
     for name, d in summary["diffs"].items():
-        a, b = name.split(" - ")
-        lines.append(f"| {label(a)} - {b} | " + " | ".join(_fmt(*x) for x in d) + " |")
+        pair, what = name.rsplit(" [", 1)
+        a, b = pair.split(" - ")
+        lines.append(
+            f"| {_label(task, a)} - {_label(task, b)} [{what} | "
+            + " | ".join(_fmt(*x) for x in d)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -173,27 +249,40 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     from infalign import theory
 
-    proc, neg = summary["procedure"], TASK_PROC[summary["task"]][1]
+    task, proc = summary["task"], summary["procedure"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = dict(
-        zip(FAMILIES, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple"), strict=True)
+    palette = (
+        "tab:gray",
+        "tab:blue",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:orange",
+        "tab:brown",
+        "tab:pink",
     )
+    fams = sorted({f for pts in summary["points"].values() for c in pts.values() for f in c})
+    colors = {f: palette[i % len(palette)] for i, f in enumerate(fams)}
+    styles = {a: m for a, m in zip(sorted(summary["points"]), ("o-", "s--", "^:"), strict=False)}
     grid = np.geomspace(0.05, 3.0, 40)
     for ax, col, what in ((axes[0], 1, proc), (axes[1], 2, "sample")):
-        for s, fams in summary["points"].items():
-            for f, pts in fams.items():
-                p = np.array(pts)
-                ax.plot(
-                    p[:, 0],
-                    p[:, col],
-                    "o-",
-                    color=colors.get(f, "k"),
-                    alpha=0.6,
-                    ms=4,
-                    lw=1,
-                    label=(neg if f == "exp" else f) if s == str(summary["seeds"][0]) else None,
-                )
-        # the optimum: the fixed point for the procedure; identity's tilt for the standard win rate
+        labelled: set[str] = set()
+        for algo, per_seed in summary["points"].items():
+            for fams_pts in per_seed.values():
+                for f, pts in fams_pts.items():
+                    p = np.array(pts)
+                    key = _label(task, f"{f}@{algo}")
+                    ax.plot(
+                        p[:, 0],
+                        p[:, col],
+                        styles.get(algo, "o-"),
+                        color=colors[f],
+                        alpha=0.55,
+                        ms=4,
+                        lw=1,
+                        label=None if key in labelled else key,
+                    )
+                    labelled.add(key)
         best = theory.frontier(proc, ["optimal"], grid) if what == proc else None
         best = best or theory.frontier("sample", ["identity"], grid)
         ax.plot(
@@ -204,10 +293,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{what} win rate vs pi_ref")
         ax.axhline(0.5, color="0.8", lw=0.8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(
-        f"{summary['task']}: measured win rate vs KL, 3 seeds (one line per seed and method)"
-    )
+    axes[0].legend(fontsize=7)
+    n = ", ".join(f"{a}: {len(s)} seeds" for a, s in summary["seeds"].items())
+    fig.suptitle(f"{task}: measured win rate vs KL ({n}; one line per seed and method)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -230,50 +318,43 @@ def summarize_k(out: Path, task: str, ks: list[int], kl: float) -> str:
     return "\n".join(lines)
 
 
-def train_vs_test(out: Path, task: str, last: int = 5) -> str:
-    """Where the gap to the optimum arises: per family, averaged over seeds and betas, the on-policy
-    mean calibrated reward E[u] and KL of the last ``last`` training steps (train prompts) against the
-    most any policy can have at that KL (the identity tilt maximises E[u]: theory ``sample`` optimum),
-    and the same on the held-out prompts (standard win rate = E[u] against fresh pi_ref samples)."""
-    from infalign import theory
+_TAIL_KEYS = ("rl/kl_seq", "rl/reward_calibrated", "rl/fit_slope", "rl/fit_corr")
 
-    acc: dict[str, list[tuple[float, float, float, float]]] = {}
-    for d in sorted((out / task).glob("seed*")):
-        f = d / "results.json"
-        if not f.is_file():
-            continue
-        for r in json.loads(f.read_text())["rows"]:
-            if r["method"] == "reference" or not r.get("train"):
-                continue
-            lines = (d / r["train"] / "metrics.jsonl").read_text().splitlines()
-            m = [json.loads(x) for x in lines if x.strip()][-last:]
-            tr_kl = float(np.mean([x["rl/kl_seq"] for x in m]))
-            tr_u = float(np.mean([x["rl/reward_calibrated"] for x in m]))
-            acc.setdefault(_family(r["method"]), []).append(
-                (tr_kl, tr_u, r["kl"]["mean"], r["standard_win_rate"]["mean"])
-            )
 
-    def bound(kl: float) -> float:
-        if not kl > 0:
-            return 0.5
-        rows = theory.frontier("sample", ["identity"], [min(kl, theory.MAX_KL)])
-        return rows[0].win_rate if rows else float("nan")
+def _mean(values: list[Any]) -> float:
+    v = [x for x in values if isinstance(x, (int, float))]
+    return float(np.mean(v)) if v else float("nan")
 
+
+def train_vs_test(task: str) -> str:
+    """Where the gap arises, from the unit summaries: per method, averaged over seeds and betas, the
+    training tail (RLOO: on-policy E[u] and KL of the last 5 steps; regression: the fit to the
+    target on the training batches) against the held-out KL, standard win rate (= E[u] against
+    fresh pi_ref samples) and the tilt realised on the held-out pool."""
     lines = [
-        "| method | runs | train KL | train E[u] | optimum at train KL | test KL | test E[u] "
-        "| optimum at test KL |",
+        "| method | runs | train KL | train E[u] | train fit slope / corr | test KL | test E[u] "
+        "| held-out tilt slope / corr |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for fam in FAMILIES:
-        if fam not in acc:
-            continue
-        v = np.array(acc[fam])
-        b_tr = np.mean([bound(k) for k in v[:, 0]])
-        b_te = np.mean([bound(k) for k in v[:, 2]])
-        lines.append(
-            f"| {fam} | {len(v)} | {v[:, 0].mean():.2f} | {v[:, 1].mean():.3f} | {b_tr:.3f} "
-            f"| {v[:, 2].mean():.2f} | {v[:, 3].mean():.3f} | {b_te:.3f} |"
-        )
+    for algo in algorithms(task):
+        acc: dict[str, list[dict[str, Any]]] = {}
+        for u in load_units(task, algo):
+            if u.get("train") and u.get("row"):
+                acc.setdefault(_family(u["row"]["method"]), []).append(u)
+        for fam, us in acc.items():
+            tail = {k: _mean([u["train"]["tail"].get(k) for u in us]) for k in _TAIL_KEYS}
+            tr = {
+                k: _mean([(u["row"].get("transfer") or {}).get(k) for u in us])
+                for k in ("slope", "corr")
+            }
+            lines.append(
+                f"| {_label(task, f'{fam}@{algo}')} | {len(us)} | {tail['rl/kl_seq']:.2f} "
+                f"| {tail['rl/reward_calibrated']:.3f} "
+                f"| {tail['rl/fit_slope']:.2f} / {tail['rl/fit_corr']:.2f} "
+                f"| {_mean([u['row']['kl']['mean'] for u in us]):.2f} "
+                f"| {_mean([u['row']['standard_win_rate']['mean'] for u in us]):.3f} "
+                f"| {tr['slope']:.2f} / {tr['corr']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -331,20 +412,22 @@ def splice(doc: Path, name: str, text: str) -> bool:
 
 
 def cmd_summarize(a: argparse.Namespace) -> None:
-    """Write docs/results/claims-*.{json,png,md} and refresh the marked blocks of docs/results.md."""
+    """Write docs/results/claims-*.{json,png,md} from the committed unit summaries and refresh the
+    marked blocks of docs/results.md."""
     out = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     blocks: dict[str, str] = {}
     for task in TASK_PROC:
-        s = summarize_task(out, task)
+        s = summarize_task(task)
         if not s:
             continue
         (RESULTS / f"claims-{task}.json").write_text(json.dumps(s, indent=1) + "\n")
         plot(s, RESULTS / f"claims-{task}.png")
         blocks[f"claims-{task}"] = markdown(s)
-        blocks[f"claims-{task}-gap"] = train_vs_test(out, task)
-    blocks["claims-k-ablation"] = summarize_k(out, "helpful", [16, 64, 256], 0.8)
-    blocks["claims-steps-ablation"] = summarize_steps(out, "helpful", 0.8)
+        blocks[f"claims-{task}-gap"] = train_vs_test(task)
+    if (out / "helpful").is_dir():  # the RLOO ablations read their run directories
+        blocks["claims-k-ablation"] = summarize_k(out, "helpful", [16, 64, 256], 0.8)
+        blocks["claims-steps-ablation"] = summarize_steps(out, "helpful", 0.8)
     doc = RESULTS.parent / "results.md"
     for name, text in blocks.items():
         (RESULTS / f"{name}.md").write_text(text + "\n")

@@ -491,6 +491,7 @@ def _row(cfg: RunConfig, method: MethodConfig | None, beta: float | None) -> dic
         "win_rate": {p: {k: w[k] for k in pick} for p, w in e["win_rate"].items()},
         "standard_win_rate": {k: e["standard_win_rate"][k] for k in pick},
         "theory_bound": {p: b["win_rate"] for p, b in e["theory_bound"].items()},
+        "transfer": e.get("transfer"),
         "reward_mean": e["reward"]["mean"],
         "length_mean": e["length"]["mean"],
         "eval": str((d / "eval.json").relative_to(cfg.out)),

@@ -86,6 +86,7 @@ def _norm_row(r: dict[str, Any]) -> dict[str, Any]:
         else {},
         "reward_mean": _num(r.get("reward_mean")),
         "length_mean": _num(r.get("length_mean")),
+        "transfer": r.get("transfer") if isinstance(r.get("transfer"), dict) else None,
     }
 
 
@@ -307,7 +308,8 @@ def _results_table(
 ) -> list[str]:
     cols = ["method", "transform", "beta", "KL (nats) ± stderr"]
     cols += [f"{p} win rate [CI]" for p in procs]
-    cols += [f"optimum at this KL, {head} (theory)", "mean reward", "mean length"]
+    cols += [f"optimum at this KL, {head} (theory)", "tilt realised: slope / corr"]
+    cols += ["mean reward", "mean length"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * 3 + "---:|" * (len(cols) - 3)]
     # grouped by method (in results order, reference last), KL ascending within a method
     names = list(dict.fromkeys(r["method"] for r in run["rows"]))
@@ -328,7 +330,9 @@ def _results_table(
             bound = bounds.get(r["kl"].get("mean", -1.0))
         cells = [r["method"], tf, _g(r["beta"]), _kl_text(r["kl"])]
         cells += [_ci(r["win"].get(p, {})) for p in procs]
-        cells += [_f(bound), _f(r["reward_mean"]), _f(r["length_mean"], 2)]
+        t = r["transfer"]
+        tilt = NA if not t else f"{_f(t.get('slope'), 2)} / {_f(t.get('corr'), 2)}"
+        cells += [_f(bound), tilt, _f(r["reward_mean"]), _f(r["length_mean"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -494,7 +498,11 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         f"Win rates: mean over test prompts [{ci}interval]; KL: sequence-level, nats, "
         "mean ± standard error. The *theory* column is the calibrated-space optimum's "
-        f"{head} win rate at the row's measured KL (an upper bound for continuous rewards).",
+        f"{head} win rate at the row's measured KL (an upper bound for continuous rewards). "
+        "Intervals resample test prompts and condition on the held-out reference pool (the "
+        "same pi_ref samples for every row, so differences between rows are paired). *Tilt "
+        "realised*: the policy's log-ratio on that pool regressed on the optimum's "
+        "(R - beta log Z)/beta: slope 1 and correlation 1 is the optimum, 0 is pi_ref.",
         "",
     ]
     n_test = _get(run["reference"].get("test", {}), "num_prompts")
