@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_convergence import exact_kl  # noqa: E402
+from test_convergence import exact_kl
 
-from infalign import theory  # noqa: E402
-from infalign.config import RLConfig  # noqa: E402
-from infalign.rl.advantages import kl_penalized_reward, rloo_advantages  # noqa: E402
-from infalign.rl.losses import policy_gradient_loss  # noqa: E402
-from infalign.rl.trainer import make_optimizer  # noqa: E402
+from infalign import theory
+from infalign.config import RLConfig
+from infalign.rl.advantages import kl_penalized_reward, rloo_advantages
+from infalign.rl.losses import policy_gradient_loss
+from infalign.rl.trainer import make_optimizer
 
 
 def problem() -> tuple[torch.Tensor, torch.Tensor]:
