@@ -171,6 +171,10 @@ class RLConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    # regression only: per prompt and step, this many samples of the current policy are added to
+    # the reference samples (scored, calibrated against the K reference rewards, log pi_ref from the
+    # reference model): the target is then also imposed where the policy puts its mass. 0: offline.
+    onpolicy_samples: int = 0
     ppo_epochs: int = 1
     clip_eps: float = 0.2
     normalize_std: bool = False  # divide advantages by the per-prompt std (changes the objective)
@@ -212,6 +216,14 @@ class RLConfig:
                     "the KL controller is for rl.algorithm=rloo (regression's target is the optimum "
                     "at a fixed beta)",
                 )
+        if self.onpolicy_samples < 0:
+            _fail(f"{path}.onpolicy_samples", self.onpolicy_samples, "must be >= 0")
+        if self.onpolicy_samples > 0 and self.algorithm != "regression":
+            _fail(
+                f"{path}.onpolicy_samples",
+                self.onpolicy_samples,
+                "on-policy refresh is a rl.algorithm=regression option (rloo is on-policy already)",
+            )
         if self.kl_horizon < 1:
             _fail(f"{path}.kl_horizon", self.kl_horizon, "must be >= 1")
         if not 0 < self.clip_eps < 1:

@@ -216,6 +216,7 @@ def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
             cfg.sampling,
             d,
             resume=resume,
+            reward_fn=env.reward() if rl.onpolicy_samples > 0 else None,
         )
     else:
         trainer = CTRLTrainer(

@@ -13,6 +13,7 @@ from infalign.rl.advantages import ctrl_reward
 from infalign.rl.regression import (
     RegressionTrainer,
     fit_diagnostics,
+    fresh_log_partition,
     regression_loss,
     regression_target,
     snis_kl,
@@ -44,7 +45,7 @@ def refset(tiny_lm, tmp_path_factory):
     return build_reference(model, tok, PROMPTS, frac_e, SAMPLING, 16, d, seed=5, progress=False)
 
 
-def make(tiny_lm, refset, out, **rl_kw):
+def make(tiny_lm, refset, out, reward_fn=None, **rl_kw):
     model, tok = tiny_lm
     args = dict(
         algorithm="regression",
@@ -69,6 +70,7 @@ def make(tiny_lm, refset, out, **rl_kw):
         out,
         resume=resume,
         progress=False,
+        reward_fn=reward_fn,
     )
 
 
@@ -145,3 +147,53 @@ def test_input_validation(tiny_lm, refset, tmp_path):
     old.logprobs = None
     with pytest.raises(ValueError, match="format 2"):
         make(tiny_lm, old, tmp_path / "b")
+
+
+def test_fresh_log_partition_is_the_discrete_z():
+    """A fresh pi_ref sample scored against K references has C_hat = j/K with probability 1/(K+1):
+    check Z_K by simulation of exactly that (continuous rewards, no ties)."""
+    from infalign.calibration import EmpiricalCalibration
+    from infalign.transforms import parse_transform
+
+    K, beta, phi = 8, 0.3, parse_transform("exp:4")
+    g = torch.Generator().manual_seed(0)
+    refs = torch.rand(20000, K, generator=g, dtype=torch.float64)
+    fresh = torch.rand(20000, 1, generator=g, dtype=torch.float64)
+    u = EmpiricalCalibration.fit(refs)(fresh)
+    mc = float(torch.exp(phi(u) / beta).mean().log())
+    assert fresh_log_partition(phi, beta, K) == pytest.approx(mc, abs=0.02)
+
+
+def test_onpolicy_refresh(tiny_lm, refset, tmp_path):
+    """With rl.onpolicy_samples, each step adds that many policy samples per prompt: the reward is
+    called once per step, and the run still fits and resumes exactly."""
+    calls = {"n": 0}
+
+    def counted(prompts, completions):
+        calls["n"] += 1
+        assert all(len(c) == 3 for c in completions)
+        return frac_e(prompts, completions)
+
+    full = make(tiny_lm, refset, tmp_path / "on", reward_fn=counted, steps=4, onpolicy_samples=3)
+    hist = full.train()
+    assert calls["n"] == 4 and all("rl/onpolicy_reward" in h for h in hist)
+    assert all(h["rl/time/generate"] > 0 for h in hist)
+    want = {k: v.detach().clone() for k, v in full.model.named_parameters()}
+    part = make(tiny_lm, refset, tmp_path / "on2", reward_fn=frac_e, steps=2, onpolicy_samples=3)
+    part.train()
+    rest = make(
+        tiny_lm,
+        refset,
+        tmp_path / "on2",
+        reward_fn=frac_e,
+        steps=4,
+        onpolicy_samples=3,
+        resume=True,
+    )
+    rest.train()
+    for k, v in rest.model.named_parameters():
+        assert torch.allclose(v, want[k], rtol=0, atol=1e-7), k
+    with pytest.raises(ValueError, match="needs a reward_fn"):
+        make(tiny_lm, refset, tmp_path / "x", onpolicy_samples=2)
+    with pytest.raises(ValueError, match="onpolicy_samples"):
+        RLConfig(onpolicy_samples=2).validate()  # rloo

@@ -26,6 +26,7 @@ log-ratio units changes nothing but the gradient-norm clipping threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from infalign.transforms import Transform
 __all__ = [
     "RegressionTrainer",
     "fit_diagnostics",
+    "fresh_log_partition",
     "log_partition",
     "regression_loss",
     "regression_target",
@@ -71,6 +73,15 @@ def regression_target(
         log_z = log_partition(reward, beta)
     lz = torch.as_tensor(log_z, dtype=torch.float64)
     return reward.double() - beta * (lz.unsqueeze(1) if lz.ndim == 1 else lz)
+
+
+def fresh_log_partition(transform: Any, beta: float, K: int) -> float:
+    """``log Z_K`` for a *fresh* sample of pi_ref scored against K reference rewards: its C_hat takes
+    ``j/K``, j = 0..K, each with probability 1/(K+1), so ``Z_K = (1/(K+1)) sum_j exp(Phi(j/K)/beta)``
+    (spec 6b; exact without ties)."""
+    u = torch.arange(K + 1, dtype=torch.float64) / K
+    r = torch.as_tensor(transform(u), dtype=torch.float64) / beta
+    return float(torch.logsumexp(r, dim=0) - math.log(K + 1))
 
 
 def regression_loss(
@@ -185,11 +196,20 @@ class RegressionTrainer(CTRLTrainer):
             accelerator=accelerator,
             progress=progress,
         )
+        if rl.onpolicy_samples > 0 and reward_fn is None:
+            raise ValueError(f"rl.onpolicy_samples={rl.onpolicy_samples} needs a reward_fn")
         self.reference_set = reference_set
         raw = reference_set.rewards.double()
         self.reward_table = ctrl_reward(raw, calibration, self.transform).double()  # (P, K)
         self.target_table = regression_target(self.reward_table, rl.beta)  # (P, K)
         self.ref_table = reference_set.logprobs.double()  # (P, K)
+        # log Z of fresh samples (on-policy refresh): Z_K for a calibrated reward; for the raw
+        # reward, the prompt's own estimate over its K reference samples
+        if self.transform is None:
+            self.fresh_log_z = log_partition(self.reward_table, rl.beta)
+        else:
+            lz = fresh_log_partition(self.transform, rl.beta, K)
+            self.fresh_log_z = torch.full((len(self.prompts),), lz, dtype=torch.float64)
 
     def _samples(self, idx: list[int]) -> torch.Tensor:
         """(len(idx), M) sample indices, without replacement, seeded by (rl.seed, step)."""
@@ -197,6 +217,38 @@ class RegressionTrainer(CTRLTrainer):
         K = self.reference_set.num_samples
         keys = torch.rand(len(self.prompts), K, generator=g)[idx]  # same draw on every rank
         return keys.argsort(dim=1)[:, : self.rl.samples_per_prompt]
+
+    def _onpolicy(self, idx: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rl.onpolicy_samples`` fresh policy samples per prompt of ``idx``: (Generation, target
+        (P', m), log pi_ref (P', m), reward R (P', m)); C_hat against the prompts' K references."""
+        from infalign.models import generate
+        from infalign.rewards import score
+
+        acc, rl = self.accelerator, self.rl
+        prompts = [self.prompts[i] for i in idx]
+        with acc.autocast():
+            gen = generate(
+                acc.unwrap_model(self.model),
+                self.tokenizer,
+                prompts,
+                rl.onpolicy_samples,
+                self.sampling,
+                seed=derive_seed(rl.seed, 0x0F, self.step, acc.process_index),
+                progress=False,
+            )
+        raw = score(self.reward_fn, prompts, gen.texts).double()
+        cal = None
+        if self.calibration is not None:
+            cal = dataclasses.replace(
+                self.calibration,
+                sorted_rewards=self.calibration.sorted_rewards[idx],
+                counts=self.calibration.counts[idx],
+            )
+        reward = ctrl_reward(raw, cal, self.transform).double()
+        target = regression_target(reward, rl.beta, self.fresh_log_z[idx])
+        ref = self._ref_logprobs(gen)
+        ref_seq = sequence_logprob(ref.double().cpu(), gen.completion_mask.double())
+        return gen, target, ref_seq.view(len(idx), -1), reward
 
     def _train_step(self) -> dict[str, float]:
         acc, rl = self.accelerator, self.rl
@@ -208,29 +260,40 @@ class RegressionTrainer(CTRLTrainer):
         target, ref, reward = (
             t[rows, sidx] for t in (self.target_table, self.ref_table, self.reward_table)
         )
-        gen = self.reference_set.generation(self.tokenizer, idx, sidx)
+        batches = [(self.reference_set.generation(self.tokenizer, idx, sidx), target, ref)]
+        t_gen = t0
+        on_reward = None
+        if rl.onpolicy_samples > 0:
+            gen_on, target_on, ref_on, on_reward = self._onpolicy(idx)
+            batches.append((gen_on, target_on, ref_on))
+            t_gen = time.perf_counter()
+        n_per_prompt = sum(b[1].shape[1] for b in batches)
         chunks = [c.tolist() for c in torch.arange(len(idx)).tensor_split(G)]
-        weight = G * W / rl.prompts_per_step  # chunk losses are means over its prompts' samples
         lr_now = float(self.scheduler.get_last_lr()[0])
         logratios: list[torch.Tensor] = []
-        losses, grad_norm = [], float("nan")
+        loss_sum, grad_norm = 0.0, float("nan")
         acc.step = 0
         with _defer_sigint():
             for chunk in chunks:
                 with acc.accumulate(self.model), acc.autocast():
-                    sub = gen.select_prompts(chunk)
-                    mask = sub.completion_mask.to(acc.device)
-                    lp = token_logprobs(
-                        self.model, sub, temperature=self.sampling.temperature, grad=True
-                    )
-                    assert isinstance(lp, torch.Tensor)
-                    seq = sequence_logprob(lp, mask).view(len(chunk), -1)
-                    loss = regression_loss(
-                        seq, ref[chunk].to(seq.device), target[chunk].to(seq.device), rl.beta
-                    )
-                    acc.backward(loss * (len(chunk) * weight))
-                    logratios.append(seq.detach().double().cpu() - ref[chunk])
-                    losses.append(loss.item() * len(chunk))
+                    loss = torch.zeros((), device=acc.device)
+                    for bi, (gen, tgt, rf) in enumerate(batches):
+                        sub = gen.select_prompts(chunk)
+                        mask = sub.completion_mask.to(acc.device)
+                        lp = token_logprobs(
+                            self.model, sub, temperature=self.sampling.temperature, grad=True
+                        )
+                        assert isinstance(lp, torch.Tensor)
+                        seq = sequence_logprob(lp, mask).view(len(chunk), -1)
+                        part = regression_loss(
+                            seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
+                        )
+                        # the mean over all of the step's samples: weight by this part's share
+                        loss = loss + part * (seq.numel() / (rl.prompts_per_step * n_per_prompt))
+                        if bi == 0:
+                            logratios.append(seq.detach().double().cpu() - rf[chunk])
+                    acc.backward(loss * (W * G))  # accelerate divides by G; DDP averages over W
+                    loss_sum += loss.item() * rl.prompts_per_step
                     if acc.sync_gradients:
                         max_norm = rl.max_grad_norm if rl.max_grad_norm > 0 else float("inf")
                         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -242,12 +305,17 @@ class RegressionTrainer(CTRLTrainer):
             lr_seq = torch.cat(logratios)
             fit = fit_diagnostics(lr_seq, target / rl.beta)
             local = {
-                "loss": (sum(losses), float(len(idx))),
+                "loss": (loss_sum, float(len(idx))),
                 "reward_transformed": (float(reward.sum()), float(reward.numel())),
                 "kl_seq": (float(snis_kl(lr_seq).sum()), float(len(idx))),
                 "logratio": (float(lr_seq.sum()), float(lr_seq.numel())),
-                "completion_length": (float(gen.completion_mask.sum()), float(lr_seq.numel())),
+                "completion_length": (
+                    float(batches[0][0].completion_mask.sum()),
+                    float(lr_seq.numel()),
+                ),
             }
+            if on_reward is not None:
+                local["onpolicy_reward"] = (float(on_reward.sum()), float(on_reward.numel()))
             metrics = {"rl/step": self.step - 1, **self._reduce_means(local)}
             metrics.update(
                 {
@@ -256,7 +324,8 @@ class RegressionTrainer(CTRLTrainer):
                     "rl/fit_rmse": fit["rmse"],
                     "rl/grad_norm": grad_norm,
                     "rl/lr": lr_now,
-                    "rl/time/forward_backward": t1 - t0,
+                    "rl/time/generate": t_gen - t0,
+                    "rl/time/forward_backward": t1 - t_gen,
                     "rl/time/step": time.perf_counter() - t0,
                 }
             )
