@@ -336,6 +336,46 @@ def cmd_ablate_t(a: argparse.Namespace) -> None:
     _sweep(a.task, out, seeds, a.algorithm, meths, a.jobs, a.max_minutes)
 
 
+def cmd_eval_train(a: argparse.Namespace) -> None:
+    """The finished units of the given seeds re-evaluated on the first ``--prompts`` *training*
+    prompts against a fresh pi_ref pool of the held-out pool's size (the gap on the training
+    prompts). The run tree ``<task>-<algorithm>-trainprompts`` links the trained policies
+    (``train/``); summaries go to ``docs/results/claims/<task>/<algorithm>/seed<s>/trainprompts/``."""
+    from infalign.tasks import TASKS
+
+    out = Path(a.out)
+    tag = f"{run_dir(out, a.task, 0, None, a.algorithm).parent.name}-trainprompts"
+    extra = {
+        **ALGORITHMS[a.algorithm],
+        "prompts.test.source": TASKS[a.task].train_prompts,
+        "prompts.test.limit": a.prompts,
+    }
+    units: list[tuple[Any, ...]] = []
+    for s in a.seeds:
+        src = run_dir(out, a.task, s, None, a.algorithm)
+        dst = out / tag / f"seed{s}"
+        dst.mkdir(parents=True, exist_ok=True)
+        if (src / "train").is_dir() and not (dst / "train").exists():
+            (dst / "train").symlink_to((src / "train").resolve(), target_is_directory=True)
+        for f in sorted(unit_file(a.task, a.algorithm, s, None).parent.glob("*.json")):
+            unit = json.loads(f.read_text())
+            job, row = unit["unit"]["job"], unit["row"]
+            summary = f.parent / "trainprompts" / f.name
+            if summary.is_file() or (job is not None and not (dst / "train").exists()):
+                continue
+            meths = (
+                [{"name": job[0], "transform": row["transform"], "betas": [job[1]]}] if job else []
+            )
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            units.append(
+                (a.task, str(out), s, None, meths, job, tag, extra, a.algorithm, str(summary))
+            )
+    print(
+        f"{a.task} / {a.algorithm}: {len(units)} units to evaluate on training prompts", flush=True
+    )
+    _run_units(units, a.jobs, a.max_minutes)
+
+
 def cmd_ablate_k(a: argparse.Namespace) -> None:
     """The RLOO sweep's exp method at the ``--kl`` budget, with K = ``--ks`` reference samples."""
     out, seeds = Path(a.out), list(a.seeds)
@@ -384,10 +424,10 @@ def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "ablate-t", "ablate-k", "ablate-steps", "summarize"):
+    for name in ("run", "ablate-t", "eval-train", "ablate-k", "ablate-steps", "summarize"):
         q = sub.add_parser(name)
         q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
-        if name in ("run", "ablate-t"):
+        if name in ("run", "ablate-t", "eval-train"):
             q.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="regression")
             q.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
             q.add_argument("--kls", type=float, nargs="+", default=list(KLS))
@@ -399,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
             q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
         if name == "ablate-t":
             q.add_argument("--ts", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+        if name == "eval-train":
+            q.add_argument("--prompts", type=int, default=64)
         if name == "ablate-steps":
             q.add_argument("--steps", type=int, default=120)
             q.add_argument("--lr", type=float, default=2.5e-5)
@@ -414,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {
         "run": cmd_run,
         "ablate-t": cmd_ablate_t,
+        "eval-train": cmd_eval_train,
         "ablate-k": cmd_ablate_k,
         "ablate-steps": cmd_ablate_steps,
     }
