@@ -186,10 +186,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     tf = read_json(d / "transform.json").get("resolved")
     print(f"train {method} ({tf}): {d}")
     if last:
-        print(
-            f"  step {last['rl/step'] + 1}: reward {last['rl/reward_raw']:.4f}, "
-            f"KL {last['rl/kl_seq']:.4f} nats"
-        )
+        shown = {"reward": "rl/reward_raw", "loss": "rl/loss", "fit corr": "rl/fit_corr"}
+        parts = [f"{k} {last[v]:.4f}" for k, v in shown.items() if v in last]
+        parts.append(f"KL {last['rl/kl_seq']:.4f} nats")
+        print(f"  step {last['rl/step'] + 1}: " + ", ".join(parts))
     return 0
 
 
