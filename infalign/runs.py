@@ -209,10 +209,35 @@ def _plain(x: Any) -> Any:
     return json.loads(json.dumps(to_jsonable(x)))
 
 
+def _section_defaults() -> dict[str, Any]:
+    """``{"section.field": default}`` for every field of the RunConfig's sections."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        tp = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if tp is None or not dataclasses.is_dataclass(tp):
+            continue
+        for g, v in to_dict(tp()).items():
+            out[f"{f.name}.{g}"] = v
+    return out
+
+
+_DEFAULTS = _section_defaults()
+
+
+def _new_default(key: str, value: Any) -> bool:
+    """A key that a newer infalign added, at its default: ``<section>.<field>`` (the last two parts
+    of the dotted key) holds the dataclass default. Old manifests lack it and stay reusable."""
+    tail = ".".join(key.split(".")[-2:])
+    return tail in _DEFAULTS and _plain(_DEFAULTS[tail]) == value
+
+
 def _first_diff(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
-            d = _first_diff(old.get(k, _UNSET), new.get(k, _UNSET), f"{key}.{k}" if key else k)
+            path = f"{key}.{k}" if key else k
+            if k not in old and _new_default(path, new[k]):
+                continue
+            d = _first_diff(old.get(k, _UNSET), new.get(k, _UNSET), path)
             if d is not None:
                 return d
         return None

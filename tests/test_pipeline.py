@@ -55,6 +55,17 @@ def test_first_diff_names_the_dotted_field():
     assert pipeline._first_diff(old, {**old, "new": 1})[0] == "new"
 
 
+def test_a_key_added_later_at_its_default_keeps_old_stages_reusable():
+    old = {"rl": {"beta": 0.1}, "train": {"rl": {"beta": 0.1}}}
+    new = {
+        "rl": {"beta": 0.1, "onpolicy_samples": 0},
+        "train": {"rl": {"beta": 0.1, "algorithm": "rloo"}},
+    }
+    assert pipeline._first_diff(old, new) is None
+    changed = {**new, "rl": {"beta": 0.1, "onpolicy_samples": 4}}
+    assert pipeline._first_diff(old, changed) == ("rl.onpolicy_samples", "<unset>", 4)
+
+
 def test_beta_dir_names_round_trip():
     for b in (0.1, 0.05, 1.0, 1e-5, 0.123456789):
         name = pipeline.beta_name(b)
