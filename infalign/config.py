@@ -151,18 +151,16 @@ class ReferenceConfig:
             _fail(f"{path}.num_samples", self.num_samples, "calibration needs K >= 2")
 
 
-ALGORITHMS = ("rloo", "regression", "distill")
+ALGORITHMS = ("rloo", "regression")
 
 
 @dataclass(frozen=True)
 class RLConfig:
     """CTRL trainer: ``algorithm: rloo`` (spec section 6: on-policy RLOO with the sequence KL inside
-    the reward, fixed beta), ``algorithm: regression`` (spec section 6b: the sequence log-ratio
-    regressed on the exact optimum's over the cached reference samples; no generation) or
-    ``algorithm: distill`` (spec 6b's forward-KL variant: weighted likelihood of the reference
-    samples with self-normalised weights exp(R/beta))."""
+    the reward, fixed beta) or ``algorithm: regression`` (spec section 6b: the sequence log-ratio
+    regressed on the exact optimum's over the cached reference samples; no generation)."""
 
-    algorithm: str = "rloo"  # rloo | regression | distill
+    algorithm: str = "rloo"  # rloo | regression
     # a transform spec, exp:auto / negexp:auto / optimal (optionally @KL: exp:auto@0.3), or "raw"
     transform: str = "identity"
     beta: float = 0.1

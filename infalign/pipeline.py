@@ -202,7 +202,7 @@ def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
     shared_base = cfg.model.lora_r > 0 and cfg.reference_model is None
     reference = None if shared_base else env.reference_model()
     trainer: CTRLTrainer
-    if rl.algorithm in ("regression", "distill"):
+    if rl.algorithm == "regression":
         from infalign.rl.regression import RegressionTrainer
 
         trainer = RegressionTrainer(

@@ -197,29 +197,3 @@ def test_onpolicy_refresh(tiny_lm, refset, tmp_path):
         make(tiny_lm, refset, tmp_path / "x", onpolicy_samples=2)
     with pytest.raises(ValueError, match="onpolicy_samples"):
         RLConfig(onpolicy_samples=2).validate()  # rloo
-
-
-def test_distill_trains_from_the_reference_samples(tiny_lm, refset, tmp_path):
-    """rl.algorithm: distill raises the likelihood of the high-weight reference samples."""
-    from infalign.rl.regression import distill_loss, distill_weights
-
-    w = distill_weights(torch.tensor([[0.0, 1.0], [0.5, 0.5]]), 0.5)
-    assert torch.allclose(w.sum(1), torch.ones(2, dtype=torch.float64))
-    assert float(w[0, 1] / w[0, 0]) == pytest.approx(torch.e**2)
-    lp = torch.tensor([[-1.0, -2.0]])
-    assert float(distill_loss(lp, torch.tensor([[0.25, 0.75]]), 4)) == pytest.approx(2 * 1.75)
-    tr = make(tiny_lm, refset, tmp_path / "d", algorithm="distill", steps=30, lr=1e-2)
-    P, K = refset.rewards.shape
-    gen = refset.generation(tr.tokenizer, list(range(P)), torch.arange(K).expand(P, K))
-
-    def weighted_loglik():
-        model = tr.accelerator.unwrap_model(tr.model)
-        out = token_logprobs(model, gen, temperature=SAMPLING.temperature)
-        seq = (out.double() * gen.completion_mask.double()).sum(-1).view(P, K)
-        return float((tr.weight_table * seq).sum(1).mean())
-
-    before = weighted_loglik()
-    tr.train()
-    assert weighted_loglik() > before + 1.0
-    with pytest.raises(ValueError, match="onpolicy_samples"):
-        RLConfig(algorithm="distill", onpolicy_samples=2).validate()

@@ -43,8 +43,6 @@ from infalign.transforms import Transform
 
 __all__ = [
     "RegressionTrainer",
-    "distill_loss",
-    "distill_weights",
     "fit_diagnostics",
     "fresh_log_partition",
     "log_partition",
@@ -107,32 +105,6 @@ def regression_loss(
     return ((fit - target.detach().to(dt)) ** 2).mean()
 
 
-def distill_weights(reward: torch.Tensor, beta: float) -> torch.Tensor:
-    """Self-normalised weights of pi* over each prompt's K reference samples (spec 6b, forward KL):
-    ``w_pk = exp(R_pk / beta) / sum_j exp(R_pj / beta)``. (P, K) -> (P, K) float64, rows sum to 1."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}")
-    return torch.softmax(reward.double() / beta, dim=1)
-
-
-def distill_loss(
-    policy_seq_logprob: torch.Tensor, weights: torch.Tensor, num_samples: int
-) -> torch.Tensor:
-    """Weighted likelihood ``-(K/m) mean_p sum_k w_pk log pi(y_pk | x_p)`` over a batch of m of each
-    prompt's K reference samples: an unbiased estimate of the cross-entropy ``-E_{pi*}[log pi]``
-    (so of ``KL(pi* || pi)`` up to a constant) when the m are drawn without replacement.
-
-    policy_seq_logprob, weights: (P', m); num_samples: K. Returns a scalar."""
-    if policy_seq_logprob.shape != weights.shape or policy_seq_logprob.ndim != 2:
-        raise ValueError(
-            f"policy log-probs {tuple(policy_seq_logprob.shape)} and weights "
-            f"{tuple(weights.shape)} must be the same (P, m)"
-        )
-    m = policy_seq_logprob.shape[1]
-    w = weights.detach().to(policy_seq_logprob.dtype)
-    return -(num_samples / m) * (w * policy_seq_logprob).sum(dim=1).mean()
-
-
 def fit_diagnostics(logratio: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """How much of the intended tilt a policy realises: ``logratio`` = log pi - log pi_ref and
     ``target`` = (R - beta log Z) / beta on the same samples (any equal shapes, flattened).
@@ -159,9 +131,7 @@ def snis_kl(logratio: torch.Tensor) -> torch.Tensor:
 
 
 class RegressionTrainer(CTRLTrainer):
-    """Regression on the exact optimum over the cached reference samples (module docstring), or,
-    with ``rl.algorithm: distill``, its forward-KL variant: the weighted likelihood
-    :func:`distill_loss` with the self-normalised weights :func:`distill_weights`.
+    """Regression on the exact optimum over the cached reference samples (module docstring).
 
     Shares :class:`~infalign.rl.trainer.CTRLTrainer`'s accelerate setup, optimizer and warm-up,
     checkpoints and exact resume, signal handling, metrics file and loop; only the step differs.
@@ -233,7 +203,6 @@ class RegressionTrainer(CTRLTrainer):
         self.reward_table = ctrl_reward(raw, calibration, self.transform).double()  # (P, K)
         self.target_table = regression_target(self.reward_table, rl.beta)  # (P, K)
         self.ref_table = reference_set.logprobs.double()  # (P, K)
-        self.weight_table = distill_weights(self.reward_table, rl.beta)  # (P, K), for distill
         # log Z of fresh samples (on-policy refresh): Z_K for a calibrated reward; for the raw
         # reward, the prompt's own estimate over its K reference samples
         if self.transform is None:
@@ -288,13 +257,10 @@ class RegressionTrainer(CTRLTrainer):
         idx = self.step_prompt_indices(self.step)[acc.process_index :: W]
         sidx = self._samples(idx)
         rows = torch.tensor(idx).unsqueeze(1)
-        target, ref, reward, weight = (
-            t[rows, sidx]
-            for t in (self.target_table, self.ref_table, self.reward_table, self.weight_table)
+        target, ref, reward = (
+            t[rows, sidx] for t in (self.target_table, self.ref_table, self.reward_table)
         )
         batches = [(self.reference_set.generation(self.tokenizer, idx, sidx), target, ref)]
-        distill = rl.algorithm == "distill"
-        K = self.reference_set.num_samples
         t_gen = t0
         on_reward = None
         if rl.onpolicy_samples > 0:
@@ -319,12 +285,9 @@ class RegressionTrainer(CTRLTrainer):
                         )
                         assert isinstance(lp, torch.Tensor)
                         seq = sequence_logprob(lp, mask).view(len(chunk), -1)
-                        if distill:
-                            part = distill_loss(seq, weight[chunk].to(seq.device), K)
-                        else:
-                            part = regression_loss(
-                                seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
-                            )
+                        part = regression_loss(
+                            seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
+                        )
                         # the mean over all of the step's samples: weight by this part's share
                         loss = loss + part * (seq.numel() / (rl.prompts_per_step * n_per_prompt))
                         if bi == 0:
