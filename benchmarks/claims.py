@@ -61,7 +61,11 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
         "rl.warmup_steps": 16,
         "rl.save_every": 64,
     },
-    "rloo": {"rl.algorithm": "rloo"},  # the offline default's 30 steps x 8 prompts x 4 samples
+    # RLOO without the KL floor of the first sweep (30 steps at lr 1e-4 left >= 0.3 nats of noise):
+    # a 4x smaller learning rate for 4x the steps, 8 prompts x 4 samples per step
+    "rloo": {"rl.algorithm": "rloo", "rl.steps": 120, "rl.lr": 2.5e-5, "rl.save_every": 120},
+    # the first sweep (and its K / steps ablations): the offline default's 30 steps at lr 1e-4
+    "rloo30": {"rl.algorithm": "rloo"},
 }
 FAMILIES = ("raw", "identity", "log", "exp", "optimal")
 TASK_PROC = {"helpful": ("bon:4", "exp"), "harmless": ("won:4", "negexp")}
@@ -72,10 +76,12 @@ def _kl_tag(k: float) -> str:
     return f"kl{k:g}"
 
 
-def run_dir(out: Path, task: str, seed: int, k: int | None = None, algorithm: str = "rloo") -> Path:
-    """``out/<task>[-K<k>][-<algorithm>]/seed<s>`` (the RLOO sweep keeps its original layout)."""
+def run_dir(
+    out: Path, task: str, seed: int, k: int | None = None, algorithm: str = "rloo30"
+) -> Path:
+    """``out/<task>[-K<k>][-<algorithm>]/seed<s>`` (the first RLOO sweep keeps its layout)."""
     name = task if k is None else f"{task}-K{k}"
-    return out / (name if algorithm == "rloo" else f"{name}-{algorithm}") / f"seed{seed}"
+    return out / (name if algorithm == "rloo30" else f"{name}-{algorithm}") / f"seed{seed}"
 
 
 def unit_file(task: str, algorithm: str, seed: int, job: Any) -> Path:
@@ -85,7 +91,7 @@ def unit_file(task: str, algorithm: str, seed: int, job: Any) -> Path:
 
 
 def _overrides(
-    task: str, out: Path, seed: int, k: int | None, algorithm: str = "rloo"
+    task: str, out: Path, seed: int, k: int | None, algorithm: str = "rloo30"
 ) -> dict[str, Any]:
     proc = TASK_PROC[task][0]
     ov: dict[str, Any] = {
@@ -149,7 +155,7 @@ def _load(
     meths: list[dict[str, Any]],
     tag: str | None = None,
     extra: dict[str, Any] | None = None,
-    algorithm: str = "rloo",
+    algorithm: str = "rloo30",
 ) -> Any:
     """The RunConfig of one seed's run directory (``out/<tag>/seed<s>`` when ``tag`` is given)."""
     from infalign.config import load_config
@@ -177,7 +183,7 @@ def _work(
     job: Any,
     tag: str | None = None,
     extra: dict[str, Any] | None = None,
-    algorithm: str = "rloo",
+    algorithm: str = "rloo30",
     summary: str | None = None,
 ) -> str:
     """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref);
@@ -214,7 +220,7 @@ def _work(
 
 
 def _references(
-    task: str, out: Path, seeds: list[int], k: int | None, algorithm: str = "rloo"
+    task: str, out: Path, seeds: list[int], k: int | None, algorithm: str = "rloo30"
 ) -> float:
     """Reference artifacts once (seed 0 of the run tree), copied to the other seeds; raw scale."""
     from infalign import pipeline
