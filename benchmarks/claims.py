@@ -71,7 +71,13 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     },
     # RLOO without the KL floor of the first sweep (30 steps at lr 1e-4 left >= 0.3 nats of noise):
     # a 4x smaller learning rate for 4x the steps, 8 prompts x 4 samples per step
-    "rloo": {"rl.algorithm": "rloo", "rl.steps": 120, "rl.lr": 2.5e-5, "rl.save_every": 120},
+    "rloo": {
+        "rl.algorithm": "rloo",
+        "prompts.train.limit": None,  # the regression sweep's prompts and reference artifacts
+        "rl.steps": 120,
+        "rl.lr": 2.5e-5,
+        "rl.save_every": 120,
+    },
     # the first sweep (and its K / steps ablations): the offline default's 30 steps at lr 1e-4
     "rloo30": {"rl.algorithm": "rloo"},
 }
