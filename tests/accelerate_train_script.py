@@ -2,7 +2,11 @@
 
 Usage (CPU, no MPI): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
        tests/accelerate_train_script.py MODEL_DIR OUT_DIR
-       [--steps N] [--bf16]
+       [--steps N] [--bf16] [--algorithm regression]
+
+With ``--algorithm regression`` the trainer regresses on 8 reference samples per prompt (drawn with a
+fixed seed, so every process holds the same set) and the main process saves the final parameters to
+OUT_DIR/params.pt, so a 2-process run can be compared with a 1-process one.
 """
 
 import argparse
@@ -17,7 +21,10 @@ torch.set_num_threads(1)
 from infalign.calibration import EmpiricalCalibration  # noqa: E402
 from infalign.config import ModelConfig, RLConfig, SamplingConfig  # noqa: E402
 from infalign.models import generate, load_model, load_tokenizer  # noqa: E402
+from infalign.reference import ReferenceSet  # noqa: E402
+from infalign.rl.regression import RegressionTrainer  # noqa: E402
 from infalign.rl.trainer import CTRLTrainer  # noqa: E402
+from infalign.scoring import token_logprobs  # noqa: E402
 
 PROMPTS = ["The cat", "Human: hi Assistant:", "The weather", "What is", "A good", "We"]
 
@@ -32,6 +39,7 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--algorithm", default="rloo")
     args = ap.parse_args()
 
     mcfg = ModelConfig(name=args.model_dir, device="cpu")
@@ -52,19 +60,41 @@ def main() -> None:
         bf16=args.bf16,
         save_every=1,
     )
-    trainer = CTRLTrainer(
-        policy,
-        reference,
-        tok,
-        PROMPTS,
-        frac_e,
-        cal,
-        "exp:4",
-        rl,
-        sampling,
-        args.out_dir,
-        progress=False,
-    )
+    if args.algorithm == "regression":
+        import dataclasses
+
+        rl = dataclasses.replace(rl, algorithm="regression", lr=3e-3)
+        lp = token_logprobs(reference, ref_gen)
+        seq = (lp.double() * ref_gen.completion_mask.double()).sum(-1).view(len(PROMPTS), -1)
+        n = ref_gen.num_tokens.view(-1)
+        ids = ref_gen.completion_ids
+        refset = ReferenceSet(
+            prompts=PROMPTS,
+            completions=ref_gen.texts,
+            rewards=torch.tensor(frac_e(PROMPTS, ref_gen.texts), dtype=torch.float32),
+            num_tokens=ref_gen.num_tokens,
+            token_ids=[
+                [ids[p * 8 + k, : int(n[p * 8 + k])].tolist() for k in range(8)] for p in range(6)
+            ],
+            logprobs=seq,
+        )
+        trainer: CTRLTrainer = RegressionTrainer(
+            policy, reference, tok, refset, cal, "exp:4", rl, sampling, args.out_dir, progress=False
+        )
+    else:
+        trainer = CTRLTrainer(
+            policy,
+            reference,
+            tok,
+            PROMPTS,
+            frac_e,
+            cal,
+            "exp:4",
+            rl,
+            sampling,
+            args.out_dir,
+            progress=False,
+        )
     history = trainer.train()
     acc = trainer.accelerator
     # the update is synchronised: every process holds the same parameters
@@ -73,6 +103,7 @@ def main() -> None:
     if acc.is_main_process:
         assert acc.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
         assert torch.equal(gathered[0], gathered[-1]), "parameters differ across processes"
+        torch.save(flat, os.path.join(args.out_dir, "params.pt"))
         print(
             "RESULT "
             + json.dumps(

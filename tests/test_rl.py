@@ -384,6 +384,34 @@ def test_two_process_accelerate_run(tiny_lm_dir, tmp_path):
     assert (out / "checkpoint" / "model.safetensors").is_file()
 
 
+def test_two_process_regression_equals_one_process(tiny_lm_dir, tmp_path):
+    """rl.algorithm: regression under ``accelerate launch`` with 2 processes and grad_accum=2 makes
+    the same updates as one process: the step's samples are the same, sharded by prompt, and the
+    loss weights make each update the mean over all of them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    script = [str(ROOT / "tests" / "accelerate_train_script.py"), str(tiny_lm_dir)]
+    opts = ["--steps", "3", "--algorithm", "regression"]
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    for cmd, out in ((launch, "two"), ([sys.executable], "one")):
+        proc = subprocess.run(
+            [*cmd, *script, str(tmp_path / out), *opts],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    two = torch.load(tmp_path / "two" / "params.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "params.pt", weights_only=True)
+    base = torch.cat(
+        [p.detach().flatten() for p in load_model(ModelConfig(name=str(tiny_lm_dir))).parameters()]
+    )
+    assert not torch.allclose(one, base)  # it trained
+    assert torch.allclose(two, one, rtol=0, atol=1e-6), float((two - one).abs().max())
+
+
 def test_adaptive_beta_controller():
     from infalign.rl.advantages import adaptive_beta
 
