@@ -409,7 +409,9 @@ def test_two_process_regression_equals_one_process(tiny_lm_dir, tmp_path):
         [p.detach().flatten() for p in load_model(ModelConfig(name=str(tiny_lm_dir))).parameters()]
     )
     assert not torch.allclose(one, base)  # it trained
-    assert torch.allclose(two, one, rtol=0, atol=1e-6), float((two - one).abs().max())
+    # float noise amplified by Adam is ~2e-6 here; a wrong weighting of a rank or micro-batch moves
+    # parameters by the order of lr (3e-3)
+    assert torch.allclose(two, one, rtol=0, atol=2e-5), float((two - one).abs().max())
 
 
 def test_adaptive_beta_controller():
