@@ -412,6 +412,12 @@ def test_two_process_regression_equals_one_process(tiny_lm_dir, tmp_path):
     # float noise amplified by Adam is ~2e-6 here; a wrong weighting of a rank or micro-batch moves
     # parameters by the order of lr (3e-3)
     assert torch.allclose(two, one, rtol=0, atol=2e-5), float((two - one).abs().max())
+    # Adam hides a loss scale; the gradient norm (before clipping) does not: the same every step
+    norms = {
+        out: [json.loads(x)["rl/grad_norm"] for x in (tmp_path / out / "metrics.jsonl").open()]
+        for out in ("one", "two")
+    }
+    assert norms["two"] == pytest.approx(norms["one"], rel=1e-4) and len(norms["one"]) == 3
 
 
 def test_adaptive_beta_controller():
