@@ -190,6 +190,8 @@ def markdown(summary: dict[str, Any]) -> str:
     head = " | ".join(f"KL {k:g}" for k in at)
     seeds = "; ".join(f"{a}: seeds {s}" for a, s in summary["seeds"].items())
     lines = [
+        f"![{task}: win rate vs KL](results/claims-{task}.png)",
+        "",
         f"**{task} / {proc}** ({seeds}): win rate interpolated at each KL, mean [95% t-interval "
         "over seeds] (n = seeds with a point there); — where the KL is outside every seed's "
         "measured range.",
