@@ -29,3 +29,13 @@ def tiny_lm_dir(tiny_lm, tmp_path_factory):
     model.save_pretrained(d, safe_serialization=True)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each trainer builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -19,6 +19,11 @@ def count_e_reward(prompts, completions):
     return np.array([[c.count("e") for c in group] for group in completions], dtype=np.float64)
 
 
+def frac_e(prompts, completions):
+    """Fraction of characters that are 'e': a tiny random GPT-2 learns to raise it in ~10 steps."""
+    return [[c.count("e") / max(len(c), 1) for c in row] for row in completions]
+
+
 def nan_reward(prompts, completions):
     """NaN for the second completion of the last prompt."""
     out = torch.zeros(len(prompts), len(completions[0]))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from reward_fns import frac_e
 
 from infalign.config import RLConfig, SamplingConfig
 from infalign.reference import build_reference
@@ -20,22 +21,10 @@ from infalign.rl.regression import (
 )
 from infalign.scoring import token_logprobs
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PROMPTS = ["The cat", "Human: hi Assistant:", "The weather", "What is"]
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 BETA = 0.2
-
-
-def frac_e(prompts, completions):
-    return [[c.count("e") / max(len(c), 1) for c in row] for row in completions]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reward_fns import frac_e
 
 from infalign.calibration import EmpiricalCalibration
 from infalign.config import ModelConfig, RLConfig, SamplingConfig
@@ -26,23 +27,9 @@ from infalign.rl.trainer import CTRLTrainer
 from infalign.transforms import Exp
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PROMPTS = ["The cat", "Human: hi Assistant:", "The weather", "What is"]
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
-
-
-def frac_e(prompts, completions):
-    """Fraction of characters that are 'e': a tiny random GPT-2 learns to raise it in ~10 steps."""
-    return [[c.count("e") / max(len(c), 1) for c in row] for row in completions]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each trainer builds its own Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

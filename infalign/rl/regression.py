@@ -26,7 +26,6 @@ log-ratio units changes nothing but the gradient-norm clipping threshold.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any
@@ -237,14 +236,7 @@ class RegressionTrainer(CTRLTrainer):
                 progress=False,
             )
         raw = score(self.reward_fn, prompts, gen.texts).double()
-        cal = None
-        if self.calibration is not None:
-            cal = dataclasses.replace(
-                self.calibration,
-                sorted_rewards=self.calibration.sorted_rewards[idx],
-                counts=self.calibration.counts[idx],
-            )
-        reward = ctrl_reward(raw, cal, self.transform).double()
+        reward = ctrl_reward(raw, self._calibration_rows(idx), self.transform).double()
         target = regression_target(reward, rl.beta, self.fresh_log_z[idx])
         ref = self._ref_logprobs(gen)
         ref_seq = sequence_logprob(ref.double().cpu(), gen.completion_mask.double())

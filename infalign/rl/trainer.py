@@ -224,6 +224,16 @@ class CTRLTrainer:
         assert isinstance(out, torch.Tensor)
         return out
 
+    def _calibration_rows(self, idx: list[int]) -> EmpiricalCalibration | None:
+        """The calibration of prompts ``idx`` (row j <-> prompt idx[j]), or None for raw."""
+        if self.calibration is None:
+            return None
+        return dataclasses.replace(
+            self.calibration,
+            sorted_rewards=self.calibration.sorted_rewards[idx],
+            counts=self.calibration.counts[idx],
+        )
+
     def _train_step(self) -> dict[str, float]:
         acc, rl = self.accelerator, self.rl
         t_start = time.perf_counter()
@@ -244,13 +254,7 @@ class CTRLTrainer:
         t_gen = time.perf_counter()
 
         raw = score(self.reward_fn, prompts, gen.texts).to(torch.float64)  # (P_r, M), validated
-        cal = None
-        if self.calibration is not None:
-            cal = dataclasses.replace(
-                self.calibration,
-                sorted_rewards=self.calibration.sorted_rewards[idx],
-                counts=self.calibration.counts[idx],
-            )
+        cal = self._calibration_rows(idx)
         reward = ctrl_reward(raw, cal, self.transform).to(torch.float64)
         calibrated = cal(raw) if cal is not None else None
         t_rew = time.perf_counter()
