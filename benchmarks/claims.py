@@ -27,7 +27,7 @@ after that long, so a sweep can be spread over several sessions. Units run seed 
     python benchmarks/claims.py summarize                   # tables + figures into docs/results/
 
 ``summarize`` reads whatever has finished: per seed, each method's win rate is interpolated linearly
-in log KL at KL 0.25, 0.5 and 1 (only inside the measured range); across seeds it reports the mean and
+in log KL at KL 0.12, 0.18, 0.25, 0.5 and 1 (only inside the measured range); across seeds it reports the mean and
 a 95% t-interval (S - 1 degrees of freedom) with the number of seeds, and paired per-seed differences.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from claims import FAMILIES, LOG_SPEC, RESULTS, TASK_PROC, UNITS, _kl_tag, methods
 
-AT = (0.25, 0.5, 1.0)  # KL budgets the tables interpolate at
+AT = (0.12, 0.18, 0.25, 0.5, 1.0)  # KLs the tables interpolate at (measured KL)
 
 
 def _family(method: str) -> str:
@@ -320,7 +320,14 @@ def summarize_k(out: Path, task: str, ks: list[int], kl: float) -> str:
     return "\n".join(lines)
 
 
-_TAIL_KEYS = ("rl/kl_seq", "rl/reward_calibrated", "rl/fit_slope", "rl/fit_corr")
+_TAIL_KEYS = (
+    "rl/kl_seq",
+    "rl/reward_calibrated",
+    "rl/reward_transformed",
+    "rl/onpolicy_reward",
+    "rl/fit_slope",
+    "rl/fit_corr",
+)
 
 
 def _mean(values: list[Any]) -> float:
@@ -328,34 +335,45 @@ def _mean(values: list[Any]) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+def _num(x: float, nd: int) -> str:
+    return f"{x:.{nd}f}" if math.isfinite(x) else "—"
+
+
 def train_vs_test(task: str) -> str:
     """Where the gap arises, from the unit summaries: per method, averaged over seeds and betas, the
-    training tail (RLOO: on-policy E[u] and KL of the last 5 steps; regression: the fit to the
-    target on the training batches) against the held-out KL, standard win rate (= E[u] against
-    fresh pi_ref samples) and the tilt realised on the held-out pool."""
+    last 5 training steps (RLOO: on-policy KL and E[u]; regression: the fit of the log-ratio to the
+    target on the step's reference samples, and the training reward R of its fresh policy samples)
+    against the held-out KL, standard win rate (= E[u] against fresh pi_ref samples) and the tilt
+    realised on the held-out pool."""
     lines = [
-        "| method | runs | train KL | train E[u] | train fit slope / corr | test KL | test E[u] "
-        "| held-out tilt slope / corr |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | runs | train KL (RLOO) | train E[u] (RLOO) | train fit slope / corr (regression) "
+        "| train R of policy samples | test KL | test E[u] | held-out tilt slope / corr |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for algo in algorithms(task):
         acc: dict[str, list[dict[str, Any]]] = {}
         for u in load_units(task, algo):
             if u.get("train") and u.get("row"):
                 acc.setdefault(_family(u["row"]["method"]), []).append(u)
+        rloo = algo.startswith("rloo")
         for fam, us in acc.items():
             tail = {k: _mean([u["train"]["tail"].get(k) for u in us]) for k in _TAIL_KEYS}
             tr = {
                 k: _mean([(u["row"].get("transfer") or {}).get(k) for u in us])
                 for k in ("slope", "corr")
             }
+            fit = (
+                "—" if rloo else f"{_num(tail['rl/fit_slope'], 2)} / {_num(tail['rl/fit_corr'], 2)}"
+            )
+            r_pol = tail["rl/reward_transformed"] if rloo else tail["rl/onpolicy_reward"]
             lines.append(
-                f"| {_label(task, f'{fam}@{algo}')} | {len(us)} | {tail['rl/kl_seq']:.2f} "
-                f"| {tail['rl/reward_calibrated']:.3f} "
-                f"| {tail['rl/fit_slope']:.2f} / {tail['rl/fit_corr']:.2f} "
-                f"| {_mean([u['row']['kl']['mean'] for u in us]):.2f} "
-                f"| {_mean([u['row']['standard_win_rate']['mean'] for u in us]):.3f} "
-                f"| {tr['slope']:.2f} / {tr['corr']:.2f} |"
+                f"| {_label(task, f'{fam}@{algo}')} | {len(us)} "
+                f"| {_num(tail['rl/kl_seq'], 2) if rloo else '—'} "
+                f"| {_num(tail['rl/reward_calibrated'], 3) if rloo else '—'} | {fit} "
+                f"| {_num(r_pol, 3)} "
+                f"| {_num(_mean([u['row']['kl']['mean'] for u in us]), 2)} "
+                f"| {_num(_mean([u['row']['standard_win_rate']['mean'] for u in us]), 3)} "
+                f"| {_num(tr['slope'], 2)} / {_num(tr['corr'], 2)} |"
             )
     return "\n".join(lines)
 
