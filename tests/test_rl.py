@@ -325,13 +325,17 @@ def test_input_validation(tiny_lm, calibration, tmp_path):
 def test_sigint_is_deferred_to_the_end_of_an_update():
     from infalign.rl.trainer import _defer_sigint
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    done = []
-    with pytest.raises(KeyboardInterrupt), _defer_sigint():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("update finished")
-    assert done == ["update finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, whatever the process inherited (a shell's `&` sets SIGINT to ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), _defer_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("update finished")
+        assert done == ["update finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 # --- two processes -------------------------------------------------------------------------------
