@@ -38,6 +38,7 @@ from infalign.io import (
 )
 from infalign.models import Generation, derive_seed, encode_prompts, generate
 from infalign.rewards import describe_reward, score
+from infalign.rl.advantages import sequence_logprob
 from infalign.scoring import token_logprobs
 
 __all__ = ["ReferenceSet", "build_reference", "tie_fraction"]
@@ -275,7 +276,7 @@ def build_reference(
                 model, gen, temperature=sampling.temperature, micro_batch_size=sampling.batch_size
             )
             assert isinstance(lp, torch.Tensor)
-            seq_lp = (lp.double().cpu() * gen.completion_mask.double()).sum(-1).view(len(ps), K)
+            seq_lp = sequence_logprob(lp.double().cpu(), gen.completion_mask).view(len(ps), K)
             comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
             new = [
                 {

@@ -8,6 +8,9 @@ LM trainer's own code path (``make_optimizer``; RLOO: ``kl_penalized_reward`` ->
 ``regression_loss``) with a candidate as a one-token "sequence", and must land within 10 % of pi*'s
 KL and within 0.02 of its inference-time win rate, computed exactly on the discrete distributions.
 A run with a wrong KL coefficient must miss, so the criterion can fail.
+
+``python tests/test_convergence.py`` prints the KL and win rate each optimiser reaches (the table in
+docs/results.md).
 """
 
 import pytest
@@ -165,3 +168,20 @@ def test_log_partition_is_the_spec_formula_without_ties():
     t = regression_target(phi(u).unsqueeze(0), beta)
     # the target's tilt is normalised over the samples: mean_k exp(target / beta) = 1
     assert float(torch.exp(t / beta).mean()) == pytest.approx(1.0, rel=1e-12)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    prob = problem.__wrapped__()
+    for spec, proc in CASES:
+        logp_ref, u, R, beta, star, log_z = _setting(prob, spec, proc)
+        for name, q in (
+            ("optimum", star),
+            ("rloo", train_rloo(logp_ref, R, beta)),
+            ("regression", train_regression(logp_ref, R, beta, log_z=log_z)),
+        ):
+            kl, win = exact_kl(q, logp_ref), exact_win_rate(q, logp_ref, u, proc)
+            print(f"{spec:<12} {proc:<6} {name:<11} KL {kl:.4f}  win rate {win:.4f}")
+    logp_ref, u, R, beta, star, _ = _setting(prob, "identity", "bon:4")
+    q = train_rloo(logp_ref, R, 2 * beta)
+    print(f"identity bon:4 rloo at 2 x beta: KL {exact_kl(q, logp_ref):.4f} (a wrong beta)")

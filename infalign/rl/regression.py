@@ -308,7 +308,8 @@ class RegressionTrainer(CTRLTrainer):
             }
             if on_reward is not None:
                 local["onpolicy_reward"] = (float(on_reward.sum()), float(on_reward.numel()))
-            metrics = {"rl/step": self.step - 1, **self._reduce_means(local)}
+            means = self._reduce_means(local)
+            metrics = {"rl/step": self.step - 1, **{f"rl/{k}": v for k, v in means.items()}}
             metrics.update(
                 {
                     "rl/fit_slope": fit["slope"],
@@ -323,17 +324,6 @@ class RegressionTrainer(CTRLTrainer):
             )
             self._log(metrics)
         return metrics
-
-    def _reduce_means(self, local: dict[str, tuple[float, float]]) -> dict[str, float]:
-        """``rl/<key>``: sum / count over all processes (one all-reduce)."""
-        acc = self.accelerator
-        keys = sorted(local)
-        vec = torch.tensor(
-            [v for k in keys for v in local[k]], dtype=torch.float64, device=acc.device
-        )
-        if acc.num_processes > 1:
-            vec = acc.reduce(vec, reduction="sum")
-        return {f"rl/{k}": (vec[2 * i] / vec[2 * i + 1]).item() for i, k in enumerate(keys)}
 
 
 def _unused_reward(prompts: list[str], completions: list[list[str]]) -> torch.Tensor:

@@ -285,8 +285,6 @@ class CTRLTrainer:
         diag: dict[str, float],
     ) -> dict[str, float]:
         """Means over all processes' samples (one all-reduce of (sum, count) pairs)."""
-        acc = self.accelerator
-        W, dev = acc.num_processes, acc.device
         n_seq = float(raw.numel())
         local = {
             "reward_raw": (raw.sum().item(), n_seq),
@@ -298,11 +296,7 @@ class CTRLTrainer:
             "completion_length": (float(gen.completion_mask.sum()), n_seq),
             **stats,
         }
-        keys = sorted(local)
-        vec = torch.tensor([v for k in keys for v in local[k]], dtype=torch.float64, device=dev)
-        vec = acc.reduce(vec, reduction="sum") if W > 1 else vec
-        tot = {k: (vec[2 * i].item(), vec[2 * i + 1].item()) for i, k in enumerate(keys)}
-        mean = {k: s / c for k, (s, c) in tot.items() if c > 0}
+        mean = self._reduce_means(local)
         adv_var = mean["adv_sq"] - mean["adv"] ** 2
         metrics = {
             "rl/step": self.step - 1,
@@ -321,6 +315,19 @@ class CTRLTrainer:
         if calibrated is None:
             metrics.pop("rl/reward_calibrated")
         return metrics
+
+    def _reduce_means(self, local: dict[str, tuple[float, float]]) -> dict[str, float]:
+        """``{key: sum / count}`` over all processes from this process's ``(sum, count)`` pairs (one
+        all-reduce); keys whose total count is 0 are left out."""
+        acc = self.accelerator
+        keys = sorted(local)
+        vec = torch.tensor(
+            [v for k in keys for v in local[k]], dtype=torch.float64, device=acc.device
+        )
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec, reduction="sum")
+        tot = {k: (vec[2 * i].item(), vec[2 * i + 1].item()) for i, k in enumerate(keys)}
+        return {k: s / c for k, (s, c) in tot.items() if c > 0}
 
     def _update(
         self, gen: Generation, reward: torch.Tensor
