@@ -20,7 +20,7 @@ import platform
 import torch
 from _common import best_time, git_commit
 
-from infalign.calibration import EmpiricalCalibration
+from infalign.core.calibration import EmpiricalCalibration
 
 
 def naive(ref: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def main() -> None:
     P, M, K = args.prompts, args.m, args.k
     default_threads = torch.get_num_threads()
 
-    sha = git_commit("infalign/calibration.py")
+    sha = git_commit("infalign/core/calibration.py")
     print(
         f"# benchmarks/calibration.py  commit={sha}  torch={torch.__version__}  "
         f"python={platform.python_version()}"

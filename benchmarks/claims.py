@@ -155,7 +155,7 @@ def methods(task: str, kls: tuple[float, ...], raw_scale: float) -> list[dict[st
 def raw_scale(ref_dir: Path) -> float:
     """Mean within-prompt std of the raw reference rewards over the std of U[0, 1] (1 / sqrt 12):
     the factor that puts raw-reward betas on the calibrated scale."""
-    from infalign.reference import ReferenceSet
+    from infalign.run.reference import ReferenceSet
 
     r = ReferenceSet.load(ref_dir).rewards.double()
     return float(r.std(dim=1).mean() * math.sqrt(12))
@@ -172,7 +172,7 @@ def _load(
     algorithm: str = "rloo30",
 ) -> Any:
     """The RunConfig of one seed's run directory (``out/<tag>/seed<s>`` when ``tag`` is given)."""
-    from infalign.config import load_config
+    from infalign.run.config import load_config
 
     ov = {**_overrides(task, out, seed, k, algorithm), "methods": meths, **(extra or {})}
     if tag is not None:
@@ -204,8 +204,8 @@ def _work(
     with ``summary``, write the unit's results row, training tail and wall time there."""
     import torch
 
-    from infalign import pipeline
-    from infalign.io import atomic_write_json
+    from infalign.run import pipeline
+    from infalign.run.io import atomic_write_json
 
     torch.set_num_threads(1)
     cfg = _load(task, Path(out), seed, k, meths, tag, extra, algorithm)
@@ -237,7 +237,7 @@ def _references(
     task: str, out: Path, seeds: list[int], k: int | None, algorithm: str = "rloo30"
 ) -> float:
     """Reference artifacts once (seed 0 of the run tree), copied to the other seeds; raw scale."""
-    from infalign import pipeline
+    from infalign.run import pipeline
 
     first = _load(task, out, seeds[0], k, methods(task, KLS, 1.0), algorithm=algorithm)
     for split in ("train", "test"):
@@ -367,7 +367,7 @@ def cmd_eval_train(a: argparse.Namespace) -> None:
     prompts against a fresh pi_ref pool of the held-out pool's size (the gap on the training
     prompts). The run tree ``<task>-<algorithm>-trainprompts`` links the trained policies
     (``train/``); summaries go to ``docs/results/claims/<task>/<algorithm>/seed<s>/trainprompts/``."""
-    from infalign.tasks import TASKS
+    from infalign.lm.tasks import TASKS
 
     out = Path(a.out)
     tag = f"{run_dir(out, a.task, 0, None, a.algorithm).parent.name}-trainprompts"
@@ -441,7 +441,7 @@ def cmd_ablate_steps(a: argparse.Namespace) -> None:
 
 
 def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths: Any) -> None:
-    from infalign import pipeline
+    from infalign.run import pipeline
 
     for s in seeds:
         pipeline.write_results(_load(task, out, s, k, meths))

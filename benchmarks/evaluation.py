@@ -23,13 +23,13 @@ import torch
 from _common import best_time, git_commit
 from scipy import integrate
 
-from infalign.evaluation import (
+from infalign.core.evaluation import (
     all_subsets_win,
     bootstrap_interval,
     inference_win_rate,
     subset_weights,
 )
-from infalign.procedures import Procedure, parse_procedure
+from infalign.core.procedures import Procedure, parse_procedure
 
 
 def truth(proc: Procedure, alpha: float) -> float:

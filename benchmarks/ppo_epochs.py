@@ -1,6 +1,6 @@
 """What PPO epochs do to RLOO's fixed point, measured on the convergence tests' tabular policy.
 
-A per-prompt softmax over 64 candidates (``tests/test_convergence.py``) trained by the trainer's own
+A per-prompt softmax over 64 candidates (``tests/rl/test_convergence.py``) trained by the trainer's own
 loss path at the beta that puts the identity tilt at KL 0.5; each batch is reused for ``epochs``
 optimizer steps (epochs 2.. with the clipped ratio against the sampling policy). Prints the exact KL
 of the policy, averaged over the last 200 of 800 steps, next to the optimum's.
@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_convergence import exact_kl
 
 from infalign import theory
-from infalign.config import RLConfig
 from infalign.rl.advantages import kl_penalized_reward, rloo_advantages
 from infalign.rl.losses import policy_gradient_loss
 from infalign.rl.trainer import make_optimizer
+from infalign.run.config import RLConfig
 
 
 def problem() -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,8 +21,8 @@ import torch
 from scipy import integrate, optimize
 
 from infalign import theory
-from infalign.procedures import parse_procedure
-from infalign.transforms import parse_transform
+from infalign.core.procedures import parse_procedure
+from infalign.core.transforms import parse_transform
 
 
 def _quad_row(spec: str, kl: float, proc, lam_hint: float) -> tuple[float, float]:

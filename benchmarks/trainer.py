@@ -5,7 +5,7 @@ trainable policy and frozen reference) on the same prompts (the first ``--prompt
 with the demo's batch: ``rl.prompts_per_step`` = 8 prompts x M = ``rl.samples_per_prompt`` = 4
 completions per step, at most ``sampling.max_new_tokens`` = 24 new tokens, temperature 1, top-p 1, no
 top-k, stopping at the model's EOS. The reward is the demo's ``helpful_reward`` calibrated against K
-reference samples per prompt (built here first, with ``infalign.reference.build_reference``) under the
+reference samples per prompt (built here first, with ``infalign.run.reference.build_reference``) under the
 identity transform: ``CTRLTrainer(calibration, "identity")`` for infalign, ``CalibratedReward(...,
 "identity")`` for TRL. The objective is the same (``infalign.integrations.trl.exact_ctrl_config``):
 the sequence-level KL inside the reward at a fixed ``--beta``, leave-one-out baseline, no std scaling,
@@ -81,7 +81,7 @@ def single_thread() -> None:
 
 
 def run_config(args: argparse.Namespace) -> Any:
-    from infalign.config import load_config
+    from infalign.run.config import load_config
 
     cfg = load_config(args.config)
     rl = dataclasses.replace(
@@ -102,10 +102,10 @@ def run_config(args: argparse.Namespace) -> Any:
 
 def build_reference(args: argparse.Namespace, cfg: Any, out: Path) -> Any:
     """K = ``--k`` reference samples for each of the first ``--prompts`` training prompts."""
-    from infalign.models import derive_seed, load_model, load_tokenizer
-    from infalign.prompts import load_prompts
-    from infalign.reference import build_reference as build
-    from infalign.rewards import load_reward
+    from infalign.lm.models import derive_seed, load_model, load_tokenizer
+    from infalign.lm.prompts import load_prompts
+    from infalign.lm.rewards import load_reward
+    from infalign.run.reference import build_reference as build
 
     prompts = load_prompts(cfg.prompts.train)[: args.prompts]
     return build(
@@ -130,8 +130,8 @@ def peak_rss_mib() -> float:
 
 
 def run_infalign(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str, Any]:
-    from infalign.models import load_model, load_tokenizer
-    from infalign.rewards import load_reward
+    from infalign.lm.models import load_model, load_tokenizer
+    from infalign.lm.rewards import load_reward
     from infalign.rl.trainer import CTRLTrainer
 
     policy = load_model(cfg.model, trainable=True)
@@ -186,10 +186,10 @@ def run_trl(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str
         check_exact_ctrl,
         exact_ctrl_config,
     )
-    from infalign.models import Generation, load_model, load_tokenizer
-    from infalign.rewards import load_reward
+    from infalign.lm.models import Generation, load_model, load_tokenizer
+    from infalign.lm.rewards import load_reward
+    from infalign.lm.scoring import token_logprobs
     from infalign.rl.advantages import kl_penalized_reward, rloo_advantages, sequence_logprob
-    from infalign.scoring import token_logprobs
 
     rl, M = cfg.rl, cfg.rl.samples_per_prompt
     spans: list[list[float]] = []
@@ -310,7 +310,7 @@ def run_trl(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str
 
 
 def worker(args: argparse.Namespace) -> None:
-    from infalign.reference import ReferenceSet
+    from infalign.run.reference import ReferenceSet
 
     single_thread()
     cfg = run_config(args)

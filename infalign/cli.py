@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 if TYPE_CHECKING:
-    from infalign.config import RunConfig
+    from infalign.run.config import RunConfig
 
 log = logging.getLogger("infalign")
 
@@ -53,8 +53,9 @@ def _parse_kls(spec: str) -> np.ndarray:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from infalign import plots, theory
-    from infalign.procedures import parse_procedure
+    from infalign import theory
+    from infalign.core.procedures import parse_procedure
+    from infalign.run import plots
 
     proc = parse_procedure(args.procedure)
     specs = [s.strip() for s in args.transforms.split(",") if s.strip()]
@@ -122,7 +123,7 @@ def _overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _load_recipe(args: argparse.Namespace) -> RunConfig:
-    from infalign.config import load_config
+    from infalign.run.config import load_config
 
     return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
 
@@ -150,7 +151,7 @@ def _print_table(rows: list[dict], procedures: list[str]) -> None:
 
 
 def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
-    from infalign import pipeline
+    from infalign.run import pipeline
 
     names = [m.name for m in pipeline.sweep(cfg)]
     if args.method is not None:
@@ -161,7 +162,7 @@ def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from infalign import pipeline
+    from infalign.run import pipeline
 
     cfg = _load_recipe(args)
     splits = [args.split] if args.split else list(pipeline.SPLITS)
@@ -176,8 +177,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from infalign import pipeline
-    from infalign.io import read_json
+    from infalign.run import pipeline
+    from infalign.run.io import read_json
 
     cfg = _load_recipe(args)
     method = _method_name(cfg, args)
@@ -194,9 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from infalign import pipeline
-    from infalign.io import read_json
-    from infalign.procedures import parse_procedure
+    from infalign.core.procedures import parse_procedure
+    from infalign.run import pipeline
+    from infalign.run.io import read_json
 
     cfg = _load_recipe(args)
     if args.reference and (args.method is not None or args.beta is not None):
@@ -213,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from infalign import pipeline
+    from infalign.run import pipeline
 
     cfg = _load_recipe(args)
     results = pipeline.run_all(cfg, report=not args.no_report)
@@ -229,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from infalign import report
+    from infalign.run import report
 
     path = report.write_report(Path(args.run_dir))
     print(path)

@@ -1,4 +1,4 @@
-"""Run a few CTRL steps on a tiny saved model; launched by tests/test_rl.py under ``accelerate launch``.
+"""Run a few CTRL steps on a tiny saved model; launched by tests/rl/test_rl.py under ``accelerate launch``.
 
 Usage (CPU, no MPI): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
        tests/accelerate_train_script.py MODEL_DIR OUT_DIR
@@ -18,13 +18,13 @@ import torch
 
 torch.set_num_threads(1)
 
-from infalign.calibration import EmpiricalCalibration  # noqa: E402
-from infalign.config import ModelConfig, RLConfig, SamplingConfig  # noqa: E402
-from infalign.models import generate, load_model, load_tokenizer  # noqa: E402
-from infalign.reference import ReferenceSet  # noqa: E402
+from infalign.core.calibration import EmpiricalCalibration  # noqa: E402
+from infalign.lm.models import generate, load_model, load_tokenizer  # noqa: E402
+from infalign.lm.scoring import token_logprobs  # noqa: E402
 from infalign.rl.regression import RegressionTrainer  # noqa: E402
 from infalign.rl.trainer import CTRLTrainer  # noqa: E402
-from infalign.scoring import token_logprobs  # noqa: E402
+from infalign.run.config import ModelConfig, RLConfig, SamplingConfig  # noqa: E402
+from infalign.run.reference import ReferenceSet  # noqa: E402
 
 PROMPTS = ["The cat", "Human: hi Assistant:", "The weather", "What is", "A good", "We"]
 

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_lm():
     """(model, tokenizer): a tiny random GPT-2 and byte-level BPE tokenizer, built in-process."""
-    from infalign.models import tiny_causal_lm
+    from fixtures import tiny_causal_lm
 
     return tiny_causal_lm(seed=0)
 

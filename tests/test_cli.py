@@ -93,12 +93,12 @@ def test_run_end_to_end_then_reuse(assets, tmp_path, capsys, caplog, monkeypatch
 
     # a second run reuses every finished stage: nothing is rewritten; a failing report is only
     # logged (results.json stands)
-    import infalign.report
+    import infalign.run.report
 
     def broken_report(run_dir):
         raise RuntimeError("no plots today")
 
-    monkeypatch.setattr(infalign.report, "write_report", broken_report)
+    monkeypatch.setattr(infalign.run.report, "write_report", broken_report)
     watched = [
         out / "reference/train/reference.jsonl",
         out / "train/raw/beta=0.1/metrics.jsonl",

@@ -49,7 +49,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 
 def write_tiny_assets(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the tiny model, tokenizer and prompt files into ``out``; returns their paths."""
-    from infalign.models import tiny_causal_lm
+    from fixtures import tiny_causal_lm
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from infalign.calibration import EmpiricalCalibration
-from infalign.transforms import Transform, parse_transform
+from infalign.core.calibration import EmpiricalCalibration
+from infalign.core.transforms import Transform, parse_transform
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from infalign.calibration import EmpiricalCalibration
-from infalign.transforms import Transform, parse_transform
+from infalign.core.calibration import EmpiricalCalibration
+from infalign.core.transforms import Transform, parse_transform
 
 __all__ = [
     "adaptive_beta",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infalign.config import RLConfig, SamplingConfig, to_dict
+from infalign.run.config import RLConfig, SamplingConfig, to_dict
 
 __all__ = [
     "CHECKPOINT_DIR",

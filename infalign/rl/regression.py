@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from infalign.calibration import EmpiricalCalibration
-from infalign.config import RLConfig, SamplingConfig
-from infalign.models import derive_seed
+from infalign.core.calibration import EmpiricalCalibration
+from infalign.core.transforms import Transform
+from infalign.lm.models import derive_seed
+from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import ctrl_reward, sequence_logprob
 from infalign.rl.trainer import CTRLTrainer, _defer_sigint
-from infalign.scoring import token_logprobs
-from infalign.transforms import Transform
+from infalign.run.config import RLConfig, SamplingConfig
 
 __all__ = [
     "RegressionTrainer",
@@ -140,7 +140,7 @@ class RegressionTrainer(CTRLTrainer):
     reward call, no reference forward.
 
     Args:
-        reference_set: the :class:`~infalign.reference.ReferenceSet` of the training prompts
+        reference_set: the :class:`~infalign.run.reference.ReferenceSet` of the training prompts
             (format 2: token ids and ``log pi_ref``), index-aligned with ``calibration``.
         other arguments: as for ``CTRLTrainer`` (``reward_fn`` is unused and may be None).
 
@@ -220,8 +220,8 @@ class RegressionTrainer(CTRLTrainer):
     def _onpolicy(self, idx: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``rl.onpolicy_samples`` fresh policy samples per prompt of ``idx``: (Generation, target
         (P', m), log pi_ref (P', m), reward R (P', m)); C_hat against the prompts' K references."""
-        from infalign.models import generate
-        from infalign.rewards import score
+        from infalign.lm.models import generate
+        from infalign.lm.rewards import score
 
         acc, rl = self.accelerator, self.rl
         prompts = [self.prompts[i] for i in idx]

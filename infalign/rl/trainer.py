@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from infalign.calibration import EmpiricalCalibration
-from infalign.config import RLConfig, SamplingConfig
-from infalign.models import Generation, derive_seed, generate
-from infalign.rewards import RewardFn, score
+from infalign.core.calibration import EmpiricalCalibration
+from infalign.core.transforms import Transform, parse_transform
+from infalign.lm.models import Generation, derive_seed, generate
+from infalign.lm.rewards import RewardFn, score
+from infalign.lm.scoring import token_logprobs
 from infalign.rl import checkpoint as ckpt_io
 from infalign.rl.advantages import (
     adaptive_beta,
@@ -47,8 +48,7 @@ from infalign.rl.advantages import (
 )
 from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.losses import policy_gradient_loss
-from infalign.scoring import token_logprobs
-from infalign.transforms import Transform, parse_transform
+from infalign.run.config import RLConfig, SamplingConfig
 
 __all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer", "make_optimizer"]
 
