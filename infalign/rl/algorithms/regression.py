@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,12 +36,15 @@ import torch
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.core.transforms import Transform
 from infalign.lm.models import derive_seed
+from infalign.lm.rewards import RewardFn
 from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import ctrl_reward, sequence_logprob
-from infalign.rl.trainer import CTRLTrainer, _defer_sigint
+from infalign.rl.base import CTRLTrainer
+from infalign.rl.signals import defer_interrupts
 from infalign.run.config import RLConfig, SamplingConfig
 
 __all__ = [
+    "TRAINER",
     "RegressionTrainer",
     "fit_diagnostics",
     "fresh_log_partition",
@@ -132,7 +136,7 @@ def snis_kl(logratio: torch.Tensor) -> torch.Tensor:
 class RegressionTrainer(CTRLTrainer):
     """Regression on the exact optimum over the cached reference samples (module docstring).
 
-    Shares :class:`~infalign.rl.trainer.CTRLTrainer`'s accelerate setup, optimizer and warm-up,
+    Shares :class:`~infalign.rl.base.CTRLTrainer`'s accelerate setup, optimizer and warm-up,
     checkpoints and exact resume, signal handling, metrics file and loop; only the step differs.
     Per step: ``rl.prompts_per_step`` prompts (the same seeded permutation as RLOO), and for each
     ``rl.samples_per_prompt`` of its K reference samples, drawn without replacement with a seed
@@ -210,6 +214,36 @@ class RegressionTrainer(CTRLTrainer):
             lz = fresh_log_partition(self.transform, rl.beta, K)
             self.fresh_log_z = torch.full((len(self.prompts),), lz, dtype=torch.float64)
 
+    @classmethod
+    def from_reference(  # type: ignore[override]
+        cls,
+        policy: Any,
+        reference: Any | None,
+        tokenizer: Any,
+        reference_set: Any,
+        load_reward: Callable[[], RewardFn],
+        calibration: EmpiricalCalibration | None,
+        transform: Transform | str | None,
+        rl: RLConfig,
+        sampling: SamplingConfig,
+        out_dir: Any,
+        resume: bool = False,
+    ) -> RegressionTrainer:
+        """Regresses on ``reference_set`` itself; loads the reward only for on-policy samples."""
+        return cls(
+            policy,
+            reference,
+            tokenizer,
+            reference_set,
+            calibration,
+            transform,
+            rl,
+            sampling,
+            out_dir,
+            resume=resume,
+            reward_fn=load_reward() if rl.onpolicy_samples > 0 else None,
+        )
+
     def _samples(self, idx: list[int]) -> torch.Tensor:
         """(len(idx), M) sample indices, without replacement, seeded by (rl.seed, step)."""
         g = torch.Generator().manual_seed(derive_seed(self.rl.seed, 0x5A3, self.step))
@@ -265,7 +299,7 @@ class RegressionTrainer(CTRLTrainer):
         logratios: list[torch.Tensor] = []
         loss_sum, grad_norm = 0.0, float("nan")
         acc.step = 0
-        with _defer_sigint():
+        with defer_interrupts():
             for chunk in chunks:
                 with acc.accumulate(self.model), acc.autocast():
                     loss = torch.zeros((), device=acc.device)
@@ -287,10 +321,7 @@ class RegressionTrainer(CTRLTrainer):
                     acc.backward(loss * (W * G))  # accelerate divides by G; DDP averages over W
                     loss_sum += loss.item() * rl.prompts_per_step
                     if acc.sync_gradients:
-                        max_norm = rl.max_grad_norm if rl.max_grad_norm > 0 else float("inf")
-                        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        grad_norm = self._clip_and_step()
             self.scheduler.step()
             self.step += 1
             t1 = time.perf_counter()
@@ -328,3 +359,6 @@ class RegressionTrainer(CTRLTrainer):
 
 def _unused_reward(prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
     raise RuntimeError("the regression trainer scores no samples")
+
+
+TRAINER = RegressionTrainer
