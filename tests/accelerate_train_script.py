@@ -19,7 +19,8 @@ import torch
 torch.set_num_threads(1)
 
 from infalign.core.calibration import EmpiricalCalibration  # noqa: E402
-from infalign.lm.models import generate, load_model, load_tokenizer  # noqa: E402
+from infalign.lm.models import load_model, load_tokenizer  # noqa: E402
+from infalign.lm.sampling import sample  # noqa: E402
 from infalign.lm.scoring import token_logprobs  # noqa: E402
 from infalign.rl.algorithms.regression import RegressionTrainer  # noqa: E402
 from infalign.rl.algorithms.rloo import RLOOTrainer  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> None:
     tok = load_tokenizer(mcfg)
     sampling = SamplingConfig(max_new_tokens=6, batch_size=64)
     # every process draws the same reference samples (seeded), so all hold the same calibration
-    ref_gen = generate(reference, tok, PROMPTS, 8, sampling, seed=123, progress=False)
+    ref_gen = sample(reference, tok, PROMPTS, 8, sampling, seed=123, progress=False)
     cal = EmpiricalCalibration.fit(torch.tensor(frac_e(PROMPTS, ref_gen.texts)))
     rl = RLConfig(
         steps=args.steps,

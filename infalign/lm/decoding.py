@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from infalign.core.procedures import Procedure, parse_procedure
-from infalign.lm.models import Generation, derive_seed, generate
+from infalign.lm.models import Generation, derive_seed
 from infalign.lm.rewards import score
+from infalign.lm.sampling import sample
 from infalign.run.config import SamplingConfig
 
 __all__ = ["Decoded", "decode"]
@@ -61,7 +62,7 @@ def decode(
     proc = parse_procedure(procedure)
     n = int(proc.n)
     _ = proc.rank  # a procedure without a sample-level rule (CdfMap) fails here, before sampling
-    gen = generate(model, tokenizer, prompts, n, sampling, seed=seed, progress=progress)
+    gen = sample(model, tokenizer, prompts, n, sampling, seed=seed, progress=progress)
     rewards = score(reward_fn, prompts, gen.texts)
     idx = proc.select(rewards, generator=derive_seed(seed, 1)).squeeze(1)
     P = len(prompts)

@@ -1,8 +1,9 @@
-"""Causal LMs: load a policy / reference / tokenizer and sample completions.
+"""Causal LMs: load a policy / reference / tokenizer; the Generation that samplers return.
 
 Shapes: P prompts, M samples per prompt, B = P * M rows ordered ``p * M + m``, L the padded prompt
 width (left padding), T the completion width (right padding). A :class:`Generation` holds one batch of
-sampled completions; :func:`infalign.lm.scoring.token_logprobs` scores it.
+sampled completions (:func:`infalign.lm.sampling.sample` makes it); :func:`infalign.lm.scoring.token_logprobs`
+scores it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from infalign.run.config import ModelConfig, SamplingConfig
+from infalign.run.config import ModelConfig
 
 __all__ = [
     "Generation",
     "derive_seed",
     "encode_prompt",
     "encode_prompts",
-    "generate",
     "load_model",
     "load_tokenizer",
     "resolve_device",
@@ -179,6 +178,8 @@ class Generation:
         texts: P lists of M decoded completions (special tokens skipped).
         finished: (B,) bool; the completion ended with an EOS (False: cut at max_new_tokens).
         prompts: the P prompt strings.
+        logprobs: (B, T) float32 or None; the sampling log-probs ``log softmax(logits / temperature)``
+            of each completion token (0 after the end), filled by backends that have them.
     """
 
     input_ids: torch.Tensor
@@ -188,6 +189,7 @@ class Generation:
     texts: list[list[str]]
     finished: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
+    logprobs: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -215,6 +217,7 @@ class Generation:
             attention_mask=self.attention_mask.to(device),
             completion_mask=self.completion_mask.to(device),
             finished=None if self.finished is None else self.finished.to(device),
+            logprobs=None if self.logprobs is None else self.logprobs.to(device),
         )
 
     def _rows(self, rows: torch.Tensor, texts: list[list[str]], prompts: list[str]) -> Generation:
@@ -227,6 +230,7 @@ class Generation:
             texts=texts,
             finished=None if self.finished is None else self.finished[rows],
             prompts=prompts,
+            logprobs=None if self.logprobs is None else self.logprobs[rows],
         )
 
     def select(self, idx: torch.Tensor) -> Generation:
@@ -274,139 +278,3 @@ def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, to
         ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, L - len(r) :] = 1
     return ids, mask
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (gen_eos, tokenizer.eos_token_id):
-        if e is None:
-            continue
-        for i in e if isinstance(e, (list, tuple)) else [e]:
-            if int(i) not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation config has an EOS token")
-    return ids
-
-
-def _completion_mask(
-    completion: torch.Tensor, eos_ids: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (B, T) float: 1 up to and including the first EOS, finished (B,) bool)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
-    # number of EOS strictly before position t: 0 means t is at or before the first EOS
-    before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
-    return (before == 0).float(), is_eos.any(dim=-1)
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    num_samples: int,
-    sampling: SamplingConfig,
-    seed: int,
-    progress: bool = True,
-) -> Generation:
-    """Sample ``num_samples`` (M) completions for each of the P prompts: pure ancestral sampling with
-    ``sampling.temperature`` and ``sampling.top_p`` (no top-k, no repetition penalty, whatever the
-    model's own generation config says), at most ``sampling.max_new_tokens`` tokens.
-
-    Runs in chunks of ``sampling.batch_size`` rows; chunk i is seeded with ``derive_seed(seed, i)``
-    (the global RNG state is left untouched), so results depend only on (prompts, M, sampling, seed).
-    Returns a :class:`Generation` with B = P * M rows ordered ``p * M + m``.
-    """
-    from transformers import GenerationConfig
-
-    if not isinstance(prompts, list) or not prompts:
-        raise ValueError(
-            f"prompts must be a non-empty list of strings, got {type(prompts).__name__}"
-        )
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r}: must be an integer >= 1")
-    sampling.validate("sampling")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; load it with load_tokenizer")
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = int(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-
-    enc_ids, enc_mask = encode_prompts(tokenizer, prompts)
-    M = num_samples
-    ids = enc_ids.repeat_interleave(M, dim=0)
-    mask = enc_mask.repeat_interleave(M, dim=0)
-    B, L = ids.shape
-    n_pos = getattr(getattr(model, "config", None), "n_positions", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", None
-    )
-    if n_pos is not None and L + sampling.max_new_tokens > n_pos:
-        raise ValueError(
-            f"prompt length {L} + sampling.max_new_tokens={sampling.max_new_tokens} exceeds the "
-            f"model's {n_pos} positions"
-        )
-    gen_cfg = GenerationConfig(
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
-        max_new_tokens=sampling.max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids,
-        use_cache=True,
-    )
-    # generate() fills every field left unset (None) from the model's own generation config (top_k,
-    # min_p, repetition_penalty, ...): swap in a clean one so the samples come from pi itself.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved_gen_cfg = getattr(base, "generation_config", None)
-    base.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_ids)
-    was_training = model.training
-    model.eval()
-    chunks: list[torch.Tensor] = []
-    bs = sampling.batch_size
-    starts = range(0, B, bs)
-    try:
-        for ci, s in enumerate(tqdm(starts, desc="generate", disable=not progress, leave=False)):
-            x = ids[s : s + bs].to(device)
-            am = mask[s : s + bs].to(device)
-            fork_devs = [device.index or 0] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=fork_devs), torch.no_grad():
-                torch.manual_seed(derive_seed(seed, ci))
-                out = model.generate(input_ids=x, attention_mask=am, generation_config=gen_cfg)
-            seqs = out if isinstance(out, torch.Tensor) else out.sequences
-            chunks.append(seqs[:, L:].cpu())
-    finally:
-        base.generation_config = saved_gen_cfg
-        if was_training:
-            model.train()
-    T = max(c.shape[1] for c in chunks)
-    completion = torch.full((B, T), pad_id, dtype=torch.long)
-    cmask = torch.zeros(B, T)
-    finished = torch.zeros(B, dtype=torch.bool)
-    row = 0
-    for c in chunks:
-        n, t = c.shape
-        m, f = _completion_mask(c, eos_ids)
-        completion[row : row + n, :t] = torch.where(m.bool(), c, torch.full_like(c, pad_id))
-        cmask[row : row + n, :t] = m
-        finished[row : row + n] = f
-        row += n
-    input_ids = torch.cat([ids, completion], dim=1)
-    attention_mask = torch.cat([mask, cmask.long()], dim=1)
-    flat = tokenizer.batch_decode(
-        [completion[b, : int(cmask[b].sum())].tolist() for b in range(B)],
-        skip_special_tokens=True,
-    )
-    texts = [flat[p * M : (p + 1) * M] for p in range(len(prompts))]
-    return Generation(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        prompt_length=L,
-        completion_mask=cmask,
-        texts=texts,
-        finished=finished,
-        prompts=list(prompts),
-    )

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "SAMPLING_BACKENDS",
     "EvaluateConfig",
     "MethodConfig",
     "ModelConfig",
@@ -93,20 +94,31 @@ class PromptsConfig:
         self.test.validate(f"{path}.test")
 
 
+SAMPLING_BACKENDS = ("hf", "native", "vllm")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Shared by reference sampling, policy rollouts and evaluation, so all three see one policy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
     max_new_tokens: int = 32
     batch_size: int = 64  # sequences per generate call
+    backend: str = "hf"  # hf | native | vllm: the Sampler (infalign.lm.sampling)
 
     def validate(self, path: str = "sampling") -> None:
+        if self.backend not in SAMPLING_BACKENDS:
+            _fail(
+                f"{path}.backend", self.backend, f"expected one of {' | '.join(SAMPLING_BACKENDS)}"
+            )
         if not self.temperature > 0:
             _fail(f"{path}.temperature", self.temperature, "must be > 0")
         if not 0 < self.top_p <= 1:
             _fail(f"{path}.top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k < 0:
+            _fail(f"{path}.top_k", self.top_k, "must be >= 0 (0: no top-k)")
         if self.max_new_tokens < 1:
             _fail(f"{path}.max_new_tokens", self.max_new_tokens, "must be >= 1")
         if self.batch_size < 1:

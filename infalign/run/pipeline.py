@@ -303,8 +303,9 @@ def _nan_to_none(x: Any) -> Any:
 def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dict[str, Any]:
     from infalign.core.evaluation import inference_win_rate, kl_estimate
     from infalign.core.procedures import parse_procedure
-    from infalign.lm.models import derive_seed, generate
+    from infalign.lm.models import derive_seed
     from infalign.lm.rewards import score
+    from infalign.lm.sampling import sample
     from infalign.rl.checkpoint import CHECKPOINT_DIR
 
     cfg, ev = env.cfg, env.cfg.evaluate
@@ -338,7 +339,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
         raise ValueError(f"{reference_dir(cfg, 'test')} holds other prompts than prompts.test")
     ref_model = env.reference_model()
     policy = ref_model if method is None else _load_checkpoint(cfg, td / CHECKPOINT_DIR)
-    gen = generate(policy, env.tokenizer(), prompts, ev.samples_per_prompt, cfg.sampling, seed)
+    gen = sample(policy, env.tokenizer(), prompts, ev.samples_per_prompt, cfg.sampling, seed)
     rewards = score(env.reward(), prompts, gen.texts)
     lp = _seq_logprobs(policy, gen, cfg)
     lr = lp if method is None else _seq_logprobs(ref_model, gen, cfg)

@@ -27,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from infalign.core.calibration import EmpiricalCalibration
-from infalign.lm.models import Generation, derive_seed, encode_prompts, generate
+from infalign.lm.models import Generation, derive_seed, encode_prompts
 from infalign.lm.rewards import describe_reward, score
+from infalign.lm.sampling import sample
 from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import sequence_logprob
 from infalign.run.config import SamplingConfig, to_dict
@@ -203,6 +204,10 @@ class ReferenceSet:
 
 
 def _check_meta(found: dict[str, Any], want: dict[str, Any], where: Path) -> None:
+    """ValueError naming the first field of ``_CHECKED`` that differs. A sampling key that a newer
+    infalign added (e.g. ``backend``, ``top_k``) reads as its default in an older artifact."""
+    if isinstance(found.get("sampling"), dict):
+        found = {**found, "sampling": {**to_dict(SamplingConfig()), **found["sampling"]}}
     for key in _CHECKED:
         if found.get(key) != want.get(key):
             raise ValueError(
@@ -268,7 +273,7 @@ def build_reference(
         for c in tqdm(todo, desc="reference", disable=not progress):
             idx = chunks[c]
             ps = [prompts[i] for i in idx]
-            gen = generate(
+            gen = sample(
                 model, tokenizer, ps, K, sampling, seed=derive_seed(seed, c), progress=False
             )
             rewards = score(reward_fn, ps, gen.texts)

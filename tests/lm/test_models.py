@@ -10,11 +10,11 @@ from transformers import GenerationConfig
 from infalign.lm.models import (
     Generation,
     derive_seed,
-    generate,
     load_model,
     load_tokenizer,
     resolve_device,
 )
+from infalign.lm.sampling import sample
 from infalign.lm.scoring import token_logprobs
 from infalign.run.config import ModelConfig, SamplingConfig
 
@@ -25,7 +25,7 @@ PROMPTS = ["The cat", "Human: What is two plus two? Assistant:", "x"]
 def gen(tiny_lm):
     model, tok = tiny_lm
     s = SamplingConfig(max_new_tokens=40, batch_size=4)
-    return generate(model, tok, PROMPTS, 6, s, seed=1, progress=False)
+    return sample(model, tok, PROMPTS, 6, s, seed=1, progress=False)
 
 
 def test_tiny_lm_tokenizer(tiny_lm):
@@ -72,10 +72,10 @@ def test_generate_deterministic_and_chunk_seeded(tiny_lm, gen):
     s = SamplingConfig(max_new_tokens=40, batch_size=4)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    again = generate(model, tok, PROMPTS, 6, s, seed=1, progress=False)
+    again = sample(model, tok, PROMPTS, 6, s, seed=1, progress=False)
     assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
     assert torch.equal(again.input_ids, gen.input_ids) and again.texts == gen.texts
-    other = generate(model, tok, PROMPTS, 6, s, seed=2, progress=False)
+    other = sample(model, tok, PROMPTS, 6, s, seed=2, progress=False)
     assert other.texts != gen.texts
 
 
@@ -84,10 +84,10 @@ def test_generate_ignores_model_generation_defaults(tiny_lm):
     _, tok = tiny_lm
     model, _ = tiny_causal_lm(seed=0)
     s = SamplingConfig(max_new_tokens=12, batch_size=64)
-    clean = generate(model, tok, PROMPTS, 4, s, seed=5, progress=False)
+    clean = sample(model, tok, PROMPTS, 4, s, seed=5, progress=False)
     model.generation_config.top_k = 2
     model.generation_config.repetition_penalty = 3.0
-    leaky = generate(model, tok, PROMPTS, 4, s, seed=5, progress=False)
+    leaky = sample(model, tok, PROMPTS, 4, s, seed=5, progress=False)
     assert torch.equal(clean.input_ids, leaky.input_ids)
     assert model.generation_config.top_k == 2  # restored
 
@@ -96,7 +96,7 @@ def test_generate_restores_train_mode(tiny_lm):
     model, tok = tiny_lm
     model.train()
     try:
-        generate(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=3), seed=0, progress=False)
+        sample(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=3), seed=0, progress=False)
         assert model.training
     finally:
         model.eval()
@@ -106,15 +106,15 @@ def test_generate_bad_input(tiny_lm):
     model, tok = tiny_lm
     s = SamplingConfig(max_new_tokens=3)
     with pytest.raises(ValueError, match="num_samples"):
-        generate(model, tok, ["a"], 0, s, seed=0)
+        sample(model, tok, ["a"], 0, s, seed=0)
     with pytest.raises(ValueError, match="prompts"):
-        generate(model, tok, [], 2, s, seed=0)
+        sample(model, tok, [], 2, s, seed=0)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
-        generate(model, tok, ["a", 3], 2, s, seed=0)  # type: ignore[list-item]
+        sample(model, tok, ["a", 3], 2, s, seed=0)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="temperature"):
-        generate(model, tok, ["a"], 2, SamplingConfig(temperature=0.0), seed=0)
+        sample(model, tok, ["a"], 2, SamplingConfig(temperature=0.0), seed=0)
     with pytest.raises(ValueError, match="positions"):
-        generate(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=500), seed=0)
+        sample(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=500), seed=0)
 
 
 def test_token_logprobs_exact_under_padding(tiny_lm, gen):
@@ -146,7 +146,7 @@ def test_token_logprobs_match_generate_scores(tiny_lm):
     """At temperature 1 the sequence log-prob equals the sum of generate's sampling log-probs."""
     model, tok = tiny_lm
     s = SamplingConfig(max_new_tokens=16, batch_size=64)
-    g = generate(model, tok, PROMPTS, 3, s, seed=7, progress=False)
+    g = sample(model, tok, PROMPTS, 3, s, seed=7, progress=False)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     ids = enc.input_ids.repeat_interleave(3, 0)
     am = enc.attention_mask.repeat_interleave(3, 0)
@@ -255,7 +255,7 @@ def test_load_lora(tiny_lm_dir, tiny_lm):
     pol = load_model(cfg, trainable=True)
     names = [n for n, p in pol.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
-    g = generate(pol, tok, ["The cat"], 2, SamplingConfig(max_new_tokens=4), seed=0, progress=False)
+    g = sample(pol, tok, ["The cat"], 2, SamplingConfig(max_new_tokens=4), seed=0, progress=False)
     lp = token_logprobs(pol, g, grad=True)
     lp.sum().backward()
     full = load_model(dataclasses.replace(cfg, lora_r=0), trainable=True)

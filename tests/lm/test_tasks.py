@@ -113,12 +113,13 @@ def test_shipped_reference_lm_loads_and_generates(reference_lm):
 
 
 def test_shipped_reference_lm_through_infalign_models(reference_lm):
-    from infalign.lm.models import generate, load_model, load_tokenizer
+    from infalign.lm.models import load_model, load_tokenizer
+    from infalign.lm.sampling import sample
     from infalign.run.config import ModelConfig, SamplingConfig
 
     cfg = ModelConfig(name=str(tasks.REFERENCE_LM), device="cpu")
     model, tok = load_model(cfg), load_tokenizer(cfg)
-    gen = generate(
+    gen = sample(
         model,
         tok,
         ["A good friend is", "My lord, I pray you"],

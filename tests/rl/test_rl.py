@@ -15,7 +15,8 @@ from reward_fns import frac_e
 
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.core.transforms import Exp
-from infalign.lm.models import generate, load_model
+from infalign.lm.models import load_model
+from infalign.lm.sampling import sample
 from infalign.rl import (
     ctrl_reward,
     kl_penalized_reward,
@@ -36,7 +37,7 @@ SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 @pytest.fixture(scope="module")
 def calibration(tiny_lm):
     model, tok = tiny_lm
-    gen = generate(model, tok, PROMPTS, 32, SAMPLING, seed=7, progress=False)
+    gen = sample(model, tok, PROMPTS, 32, SAMPLING, seed=7, progress=False)
     return EmpiricalCalibration.fit(torch.tensor(frac_e(PROMPTS, gen.texts)))
 
 

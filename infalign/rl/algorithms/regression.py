@@ -254,13 +254,13 @@ class RegressionTrainer(CTRLTrainer):
     def _onpolicy(self, idx: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``rl.onpolicy_samples`` fresh policy samples per prompt of ``idx``: (Generation, target
         (P', m), log pi_ref (P', m), reward R (P', m)); C_hat against the prompts' K references."""
-        from infalign.lm.models import generate
         from infalign.lm.rewards import score
+        from infalign.lm.sampling import sample
 
         acc, rl = self.accelerator, self.rl
         prompts = [self.prompts[i] for i in idx]
         with acc.autocast():
-            gen = generate(
+            gen = sample(
                 acc.unwrap_model(self.model),
                 self.tokenizer,
                 prompts,

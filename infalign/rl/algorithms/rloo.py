@@ -31,8 +31,9 @@ import time
 import numpy as np
 import torch
 
-from infalign.lm.models import Generation, derive_seed, generate
+from infalign.lm.models import Generation, derive_seed
 from infalign.lm.rewards import score
+from infalign.lm.sampling import sample
 from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import (
     adaptive_beta,
@@ -59,7 +60,7 @@ class RLOOTrainer(CTRLTrainer):
         prompts = [self.prompts[i] for i in idx]
         policy = acc.unwrap_model(self.model)
         with acc.autocast():
-            gen = generate(
+            gen = sample(
                 policy,
                 self.tokenizer,
                 prompts,
