@@ -14,15 +14,22 @@ import torch
 
 from infalign.lm.models import Generation
 
-__all__ = ["token_logprobs"]
+__all__ = ["cache_argument", "forward_params", "token_logprobs"]
 
 
-def _forward_params(model: Any) -> set[str]:
+def forward_params(model: Any) -> set[str]:
+    """The parameter names of the (base) model's ``forward``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def cache_argument(params: set[str]) -> str | None:
+    """The KV-cache argument of a forward with these parameters (also the output's key): ``cache`` in
+    transformers 5, ``past_key_values`` before; None if it takes none."""
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def _shared_prompts(gen: Generation) -> int:
@@ -124,10 +131,9 @@ def token_logprobs(
     mb = B if not micro_batch_size else int(micro_batch_size)
     if mb < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be >= 1")
-    params = _forward_params(model)
+    params = forward_params(model)
     keep = "logits_to_keep" in params
-    # the KV-cache argument: ``cache`` in transformers 5, ``past_key_values`` before
-    cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
+    cache_kw = cache_argument(params)
     M = _shared_prompts(gen) if cache_kw is not None else 1
     mb = max(M, mb // M * M)
     outs: list[torch.Tensor] = []
