@@ -38,11 +38,13 @@ setup-smollm2: setup
 test-slow: setup-smollm2
 	$(BIN)/pytest -q -m slow
 
-# The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, trainer vs TRL.
+# The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, sampling backends,
+# trainer vs TRL.
 bench: setup
 	$(BIN)/python benchmarks/theory.py
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/trainer.py
 
 # The paper's claims on the offline testbed (docs/results.md): 5 seeds x 2 tasks x 21 units, many
