@@ -134,7 +134,8 @@ def test_native_gpt2_path_equals_the_model_forward_path(eos_heavy, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "over", [{"top_k": 5}, {"top_p": 0.7}, {"top_k": 50, "top_p": 0.9}, {"top_p": 0.05}]
+    "over",
+    [{"top_k": 5}, {"top_p": 0.7}, {"top_k": 50, "top_p": 0.9}, {"top_p": 0.05}, {"top_p": 1e-9}],
 )
 def test_warp_matches_transformers_warpers(over):
     from transformers import TopKLogitsWarper, TopPLogitsWarper
