@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from infalign import theory
 from infalign.core.procedures import BestOfN, KthBestOfN
 from infalign.core.transforms import Exp, parse_transform
-from infalign.theory import MAX_KL, TiltedPolicy, beta_for_kl, best_t, frontier, recommend
+from infalign.theory import MAX_KL, TiltedPolicy, best_t, beta_for_kl, frontier, recommend
 
 # geometric from 0.01 to MAX_KL, plus the KLs that used to fail (7, 11.5, 12)
 DENSE = np.unique(np.concatenate([np.geomspace(0.01, MAX_KL, 14), [7.0, 11.5, 12.0]]))
