@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from infalign.lm.prompts import check_prompt_list
 from infalign.run.config import ModelConfig, SamplingConfig
 
 __all__ = [
@@ -319,13 +320,7 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    if not isinstance(prompts, list) or not prompts:
-        raise ValueError(
-            f"prompts must be a non-empty list of strings, got {type(prompts).__name__}"
-        )
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    prompts = check_prompt_list(prompts)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r}: must be an integer >= 1")
     sampling.validate("sampling")

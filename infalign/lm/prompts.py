@@ -22,7 +22,7 @@ from typing import Any
 
 from infalign.run.config import PromptSetConfig
 
-__all__ = ["hh_prompt", "hh_to_messages", "load_prompts"]
+__all__ = ["check_prompt_list", "hh_prompt", "hh_to_messages", "load_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,29 @@ def hh_to_messages(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
+def check_prompt_list(prompts: Any, name: str = "prompts") -> list[str]:
+    """``prompts`` as a list of str: a non-empty list or tuple of strings, else ValueError naming
+    the first bad item (its index and type)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{name} must be a non-empty list of strings, got {prompts!r:.80}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name}[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    return list(prompts)
+
+
 def _read_jsonl_column(path: Path, column: str, limit: int | None) -> list[Any]:
     rows: list[Any] = []
     keys: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{str(path)!r} line {i + 1} is not UTF-8 text (byte {raw[err.start]:#04x} at "
+                    f"column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

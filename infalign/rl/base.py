@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.core.transforms import Transform, parse_transform
 from infalign.lm.models import Generation, derive_seed
+from infalign.lm.prompts import check_prompt_list
 from infalign.lm.rewards import RewardFn
 from infalign.lm.scoring import token_logprobs
 from infalign.rl import checkpoint as ckpt_io
@@ -354,11 +355,7 @@ def _check_inputs(
     transform: Transform | None,
 ) -> tuple[list[Any], bool]:
     """Validate a trainer's inputs before any expensive work; returns (trainable params, is_peft)."""
-    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    check_prompt_list(prompts)
     if not callable(reward_fn):
         raise ValueError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
     if calibration is None and transform is not None:

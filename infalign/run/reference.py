@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.lm.models import Generation, derive_seed, encode_prompts, generate
+from infalign.lm.prompts import check_prompt_list
 from infalign.lm.rewards import describe_reward, score
 from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import sequence_logprob
@@ -230,8 +231,7 @@ def build_reference(
     with a different request (K, sampling, seed, prompts, reward, chunking) is a ValueError.
     ``prompts_per_chunk`` defaults to ``max(1, sampling.batch_size // K)``.
     """
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
+    prompts = check_prompt_list(prompts)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"reference.num_samples={num_samples!r}: calibration needs K >= 2")
     sampling.validate("sampling")
