@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
+
+from infalign import __version__
 
 if TYPE_CHECKING:
     from infalign.run.config import RunConfig
@@ -31,6 +35,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_out(out: str | Path, key: str = "out") -> Path:
+    """An output directory we can create and write: UsageError naming ``key`` when it, or a
+    directory above it, is a file, or when the nearest existing directory is not writable."""
+    path = Path(out)
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is" if p == path else f"is below {str(p)!r}, which is"
+                raise UsageError(f"{key}={str(out)!r} {where} a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"{key}={str(out)!r}: directory {str(p)!r} is not writable")
+            break
+    return path
 
 
 def _parse_kls(spec: str) -> np.ndarray:
@@ -62,8 +81,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     if not specs:
         raise UsageError("--transforms: give at least one transform")
     kls = _parse_kls(args.kl)
+    out = check_out(args.out, "--out")
     rows = theory.frontier(proc, specs, kls)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fields = list(theory.FrontierRow.__dataclass_fields__)
     with open(out / "frontier.csv", "w", newline="") as fh:
@@ -125,7 +144,9 @@ def _overrides(extra: Sequence[str]) -> dict[str, str]:
 def _load_recipe(args: argparse.Namespace) -> RunConfig:
     from infalign.run.config import load_config
 
-    return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
+    cfg = load_config(args.recipe, _overrides(getattr(args, "extra", [])))
+    check_out(cfg.out)
+    return cfg
 
 
 def _fmt_ci(d: dict | None) -> str:
@@ -245,7 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"infalign {__version__}")
+    # -v/--verbose is also accepted after the verb (the subcommand's default must not reset it)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
 
     p = sub.add_parser("frontier", help="win rate vs KL per transform in calibrated space")
     p.add_argument("--procedure", default="bon:4", help="sample | bon:N | won:N | kth:K:N")
@@ -335,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except (UsageError, ValueError) as err:
         print(f"infalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:  # e.g. a read-only run directory found only when writing
+        print(
+            f"infalign {args.command}: error: cannot write {err.filename!r}: {err.strerror}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"

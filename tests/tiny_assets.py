@@ -67,6 +67,24 @@ def write_tiny_assets(out: str | Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+REWARD = f"{Path(__file__).resolve()}:vowel_reward"
+
+
+def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> list[str]:
+    """CLI overrides that point ``recipes/tiny.yaml`` at the assets of ``write_tiny_assets`` and at
+    ``out`` (plus ``extra``: dotted key -> value), as ``--key value`` tokens."""
+    over = {
+        "model.name": assets["model"],
+        "prompts.train.source": assets["train"],
+        "prompts.test.source": assets["test"],
+        "reward.name": REWARD,
+        "out": out,
+        **extra,
+    }
+    return [tok for k, v in over.items() for tok in (f"--{k}", str(v))]
+
+
 def _score(c: str) -> float:
     """Vowel density plus a small length term: few ties, a smooth target for a tiny model."""
     vowels = sum(ch in "aeiou" for ch in c.lower())

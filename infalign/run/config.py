@@ -5,6 +5,7 @@ dotted overrides (``--rl.beta 0.1``). Everything is validated here, before any m
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from infalign.run.recipe import read_recipe, yaml_problem
 
 __all__ = [
     "EvaluateConfig",
@@ -205,6 +208,10 @@ class RLConfig:
                 _fail(f"{path}.{name}", getattr(self, name), "must be >= 1")
         if not self.lr > 0:
             _fail(f"{path}.lr", self.lr, "must be > 0")
+        if not self.weight_decay >= 0:
+            _fail(f"{path}.weight_decay", self.weight_decay, "must be >= 0")
+        if not self.max_grad_norm > 0:
+            _fail(f"{path}.max_grad_norm", self.max_grad_norm, "must be > 0")
         if self.kl_target is not None:
             if not self.kl_target > 0:
                 _fail(f"{path}.kl_target", self.kl_target, "must be > 0 nats or null")
@@ -343,12 +350,12 @@ class RunConfig:
 
 
 def _check_transform_spec(path: str, spec: str) -> None:
-    from infalign.core.transforms import parse_transform
+    from infalign.core.transforms import is_raw, parse_transform
     from infalign.theory import needs_theory, split_target
 
     try:
         split_target(spec)  # a malformed @KL pin is an error
-        if spec.strip() == "raw" or needs_theory(spec):
+        if is_raw(spec) or needs_theory(spec):
             return
         parse_transform(spec)
     except ValueError as err:
@@ -396,6 +403,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             out = tp(value)
         except (TypeError, ValueError):
             _fail(path, value, f"expected a number ({tp.__name__})")
+        if not math.isfinite(out):  # .inf / nan would pass every "> 0" check and break later
+            _fail(path, value, "expected a finite number")
         if tp is int and isinstance(value, float) and value != out:
             _fail(path, value, "expected an integer")
         return out
@@ -432,7 +441,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     """Set dotted keys (``rl.beta``) in a nested config dict; values given as strings are YAML-parsed."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for dotted, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError as err:
+            _fail(dotted, raw, f"not valid YAML ({yaml_problem(err)})")
         node = out
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -445,10 +457,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a recipe YAML, apply dotted overrides, build and validate the RunConfig."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"recipe {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_recipe(Path(path))
     if overrides:
         data = apply_overrides(data, overrides)
     cfg: RunConfig = from_dict(RunConfig, _apply_task(data))

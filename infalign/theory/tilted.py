@@ -182,9 +182,12 @@ def phi_nodes(transform: Transform) -> np.ndarray:
 
 
 def check_kl(kl: Any) -> np.ndarray:
+    """KL targets (nats) as a 1-D array; ValueError listing every value outside (0, MAX_KL]."""
     arr = np.atleast_1d(np.asarray(kl, dtype=float))
-    if np.any(~np.isfinite(arr)) or np.any(arr <= 0) or np.any(arr > MAX_KL):
-        raise ValueError(f"kl must be in (0, {MAX_KL}], got {kl!r}")
+    bad = arr[~(np.isfinite(arr) & (arr > 0) & (arr <= MAX_KL))]
+    if bad.size:
+        got = ", ".join(f"{x:g}" for x in bad)
+        raise ValueError(f"kl must be in (0, {MAX_KL:g}] nats, got {got}")
     return arr
 
 

@@ -128,6 +128,10 @@ def test_one_prompt_list_check_everywhere():
     from infalign.lm.prompts import check_prompt_list
 
     assert check_prompt_list(("a", "b")) == ["a", "b"]
-    for bad, why in [([], "non-empty list"), ("abc", "non-empty list"), (["a", 3], r"\[1\] is int")]:
+    for bad, why in [
+        ([], "non-empty list"),
+        ("abc", "non-empty list"),
+        (["a", 3], r"\[1\] is int"),
+    ]:
         with pytest.raises(ValueError, match=why):
             check_prompt_list(bad)
