@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from infalign.core.calibration import EmpiricalCalibration
-from infalign.core.transforms import Transform, parse_transform
+from infalign.core.transforms import RAW, Transform, is_raw, parse_transform
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -48,7 +48,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REFERENCE_COLUMN = "reference_rewards"
-RAW = "raw"
 # keyword arguments TRL adds to every reward call that are not dataset columns
 _TRL_EXTRA_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
 
@@ -202,9 +201,9 @@ class CalibratedReward:
                 f"reference_column must be a non-empty string, got {reference_column!r}"
             )
         self.reward_fn = reward_fn
-        is_raw = isinstance(transform, str) and transform.strip().lower() == RAW
-        self.transform: Transform | None = None if is_raw else parse_transform(transform)
-        if is_raw and smoothed:
+        raw = is_raw(transform)
+        self.transform: Transform | None = None if raw else parse_transform(transform)
+        if raw and smoothed:
             raise ValueError("smoothed=True needs a calibrated transform, but transform='raw'")
         self.smoothed = bool(smoothed)
         self.reference_column = reference_column

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infalign.core.calibration import EmpiricalCalibration
-from infalign.core.transforms import Transform, parse_transform
+from infalign.core.transforms import RAW, Transform, is_raw, parse_transform
 from infalign.lm.models import Generation, derive_seed
 from infalign.lm.prompts import check_prompt_list
 from infalign.lm.rewards import RewardFn
@@ -291,7 +291,7 @@ class CTRLTrainer:
             prompts=self.prompts,
             rl=self.rl,
             sampling=self.sampling,
-            transform="raw" if self.transform is None else str(self.transform),
+            transform=RAW if self.transform is None else str(self.transform),
             num_processes=self.accelerator.num_processes,
         )
         state["beta"] = self.beta
@@ -375,7 +375,7 @@ def _check_inputs(
 
 
 def _parse(transform: Transform | str | None) -> Transform | None:
-    if transform is None or (isinstance(transform, str) and transform.strip().lower() == "raw"):
+    if is_raw(transform):
         return None
     try:
         return parse_transform(transform)

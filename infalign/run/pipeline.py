@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from infalign.core.transforms import RAW, is_raw
 from infalign.run.config import MethodConfig, RunConfig, to_dict
 from infalign.run.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from infalign.run.runs import (
@@ -155,8 +156,8 @@ def _resolve(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[str, Any]]
     from infalign import theory
 
     spec = method.transform
-    if spec.strip().lower() == "raw":
-        return None, {"spec": "raw", "resolved": "raw", "transform": None}
+    if is_raw(spec):
+        return None, {"spec": RAW, "resolved": RAW, "transform": None}
     auto = theory.needs_theory(spec)
     proc, kl = cfg.report.procedure, theory.split_target(spec)[1] or cfg.rl.target_kl
     tf = theory.resolve_transform(spec, proc, kl=kl)
