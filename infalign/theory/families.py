@@ -30,7 +30,7 @@ def family_class(name: Any) -> type[Transform]:
     if isinstance(name, str) and name.lower() in FAMILIES:
         return FAMILIES[name.lower()]
     if name in FAMILIES.values():
-        return name  # type: ignore[no-any-return]
+        return name
     raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {name!r}")
 
 

@@ -56,13 +56,13 @@ class FrontierRow:
 
 
 def _rows(
-    label: str, transforms: list[Transform], kl: np.ndarray, proc: Procedure
+    label: str, transforms: Sequence[Transform], kl: np.ndarray, proc: Procedure
 ) -> list[FrontierRow]:
     """Tilt each transform to its KL target (vectorised) and measure; unreachable targets dropped."""
     phi = np.stack([phi_nodes(tf) for tf in transforms])
     lam = lambda_for_kl(phi, kl)
-    ok = np.nonzero(np.isfinite(lam))[0]
-    if ok.size == 0:
+    ok = [int(i) for i in np.nonzero(np.isfinite(lam))[0]]
+    if not ok:
         return []
     logp = tilt(phi[ok], lam[ok])[0]
     win = win_rates(logp, proc)
@@ -126,7 +126,7 @@ def frontier(
                     ", ".join(f"{k:g}" for k in kl[~ok]),
                 )
             if ok.any():
-                members = [fam(float(t)) for t in ts[ok]]  # type: ignore[call-arg]
+                members = [fam(float(t)) for t in ts[ok]]
                 out += _rows(label, members, kl[ok], proc)
         else:
             tf = parse_transform(spec)
@@ -171,7 +171,7 @@ def resolve_transform(spec: str | Transform, procedure: Procedure | str, kl: flo
     kl = kl if pinned is None else pinned
     fam = auto_family(spec)
     if fam is not None:
-        return fam(best_t(fam, procedure, kl))  # type: ignore[call-arg]
+        return fam(best_t(fam, procedure, kl))
     if spec.strip().lower() == "optimal":
         return optimal_policy(procedure, kl=kl).transform
     return parse_transform(spec)
