@@ -112,7 +112,7 @@ def best_t(family: Any, procedure: Procedure | str, kl: float) -> float:
     if math.isnan(t):
         raise ValueError(
             f"{cls.name}:auto for {proc} at KL {kl:g}: no t in [{T_RANGE[0]:g}, {T_RANGE[1]:g}] "
-            f"maximises the win rate (its best is a limit of the family, or the KL is out of "
-            f"reach); give {cls.name}:T explicitly or use 'optimal'"
+            "maximises the win rate (its best is a limit of the family: t -> 0 is identity, "
+            f"t -> inf a step; or the KL is out of reach); give {cls.name}:T or use 'optimal'"
         )
     return t

@@ -82,6 +82,25 @@ def _rows(
     ]
 
 
+def _auto_rows(
+    label: str, fam: type[Transform], kl: np.ndarray, proc: Procedure
+) -> list[FrontierRow]:
+    """Rows of ``exp:auto`` / ``negexp:auto``: the family member with the best t at each KL (K,);
+    KLs where no t in T_RANGE is best (the family's limit) are left out, with a warning."""
+    ts = best_t_many(fam, proc, kl)
+    ok = np.isfinite(ts)
+    if not ok.all():
+        bad = kl[~ok]
+        log.warning(
+            "%s for %s: no t in %s is best at %d of %d KLs (%g to %g nats): the family's best is "
+            "its limit there (t -> 0 is identity, t -> inf a step); those rows are left out",
+            *(label, proc, T_RANGE, bad.size, kl.size, bad.min(), bad.max()),
+        )
+    if not ok.any():
+        return []
+    return _rows(label, [fam(float(t)) for t in ts[ok]], kl[ok], proc)  # type: ignore[call-arg]
+
+
 def frontier(
     procedure: Procedure | str,
     transforms: Sequence[str | Transform],
@@ -115,19 +134,7 @@ def frontier(
             continue
         fam = auto_family(spec) if isinstance(spec, str) else None
         if fam is not None:
-            ts = best_t_many(fam, proc, kl)
-            ok = np.isfinite(ts)
-            if not ok.all():
-                log.warning(
-                    "%s for %s: no best t in %s at KL %s (a limit of the family); rows left out",
-                    label,
-                    proc,
-                    T_RANGE,
-                    ", ".join(f"{k:g}" for k in kl[~ok]),
-                )
-            if ok.any():
-                members = [fam(float(t)) for t in ts[ok]]
-                out += _rows(label, members, kl[ok], proc)
+            out += _auto_rows(label, fam, kl, proc)
         else:
             tf = parse_transform(spec)
             out += _rows(label, [tf] * kl.size, kl, proc)
