@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -261,20 +261,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"infalign {__version__}")
-    # -v/--verbose is also accepted after the verb (the subcommand's default must not reset it)
-    verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
-
+def _theory_verbs(sub: Any) -> None:
+    """``frontier`` and ``solve``: the calibrated-space engine."""
     p = sub.add_parser("frontier", help="win rate vs KL per transform in calibrated space")
     p.add_argument("--procedure", default="bon:4", help="sample | bon:N | won:N | kth:K:N")
     p.add_argument(
@@ -288,61 +276,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="recommended transform, t and beta for a procedure and KL")
     p.add_argument("--procedure", default="bon:4")
-    p.add_argument("--kl", required=True, help="KL budget in nats")
+    p.add_argument("--kl", required=True, help="KL budget in nats, in (0, 12]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_solve)
 
-    over = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
-    epilog = (
-        "Any config key can be overridden after the recipe as --section.key VALUE or "
-        "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
-        "--rl.steps 10 --out runs/x); an unknown key is an error."
-    )
-    p = sub.add_parser(
-        "reference",
-        help="sample and score K reference responses per prompt" + over,
-        allow_abbrev=False,
-    )
+
+_OVER = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
+_EPILOG = (
+    "Any config key can be overridden after the recipe as --section.key VALUE or "
+    "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
+    "--rl.steps 10 --out runs/x); an unknown key is an error."
+)
+
+
+def _recipe_verb(sub: Any, name: str, what: str, func: Any) -> argparse.ArgumentParser:
+    """A pipeline verb: a recipe, then its own options, then config overrides."""
+    p = sub.add_parser(name, help=what + _OVER, allow_abbrev=False, epilog=_EPILOG)
     p.add_argument("recipe", help="recipe YAML")
+    p.set_defaults(func=func, overrides_ok=True)
+    return p
+
+
+def _pipeline_verbs(sub: Any) -> None:
+    """``reference``, ``train``, ``evaluate``, ``run`` (recipe + overrides) and ``report``."""
+    p = _recipe_verb(
+        sub, "reference", "sample and score K reference responses per prompt", cmd_reference
+    )
     p.add_argument("--split", choices=["train", "test"], help="one split (default: both)")
-    p.set_defaults(func=cmd_reference, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "train", help="CTRL training of one method at one beta" + over, allow_abbrev=False
-    )
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
-    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
-    p.set_defaults(func=cmd_train, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "evaluate",
-        help="inference-time win rates and KL of a trained policy" + over,
-        allow_abbrev=False,
-    )
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
-    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
+    for name, what, func in (
+        ("train", "CTRL training of one method at one beta", cmd_train),
+        ("evaluate", "inference-time win rates and KL of a trained policy", cmd_evaluate),
+    ):
+        p = _recipe_verb(sub, name, what, func)
+        p.add_argument("--method", help="a method name of the recipe (required if it has several)")
+        p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
     p.add_argument("--reference", action="store_true", help="evaluate pi_ref itself (sanity row)")
-    p.set_defaults(func=cmd_evaluate, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "run",
-        help="the whole sweep: reference, train, evaluate, results, report" + over,
-        allow_abbrev=False,
+    p = _recipe_verb(
+        sub, "run", "the whole sweep: reference, train, evaluate, results, report", cmd_run
     )
-    p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--no-report", action="store_true", help="skip the report")
-    p.set_defaults(func=cmd_run, overrides_ok=True)
-    p.epilog = epilog
 
     p = sub.add_parser("report", help="report.md + plots from a run directory's artifacts")
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: global -v/--verbose (also accepted after the verb) and --version, then the verbs.
+    A new verb registers itself with a function like ``_theory_verbs(sub)``."""
+    parser = _Parser(
+        prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"infalign {__version__}")
+    # every verb accepts -v too; SUPPRESS keeps its default from resetting a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
+    _theory_verbs(sub)
+    _pipeline_verbs(sub)
     return parser
 
 

@@ -243,6 +243,18 @@ def _refuse_new_weights(name: str, info: dict[str, Any]) -> None:
         )
 
 
+def _set_padding(tok: Any, model: Any, name: str) -> None:
+    """Right padding (EOS as pad if there is none) and left truncation, the model told the pad id."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"reward model tokenizer {name!r} has no pad or EOS token")
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"
+    tok.truncation_side = "left"
+
+
 class HFRewardModel:
     """A Hugging Face sequence-classification reward model.
 
@@ -297,15 +309,7 @@ class HFRewardModel:
             raise ValueError(
                 f"reward.label_index={label_index}: the model {name!r} has {n_labels} label(s)"
             )
-        tok = self.tokenizer
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ValueError(f"reward model tokenizer {name!r} has no pad or EOS token")
-            tok.pad_token = tok.eos_token
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = tok.pad_token_id
-        tok.padding_side = "right"
-        tok.truncation_side = "left"
+        _set_padding(self.tokenizer, self.model, name)
         self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
         self.max_length = max_length
