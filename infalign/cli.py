@@ -123,7 +123,7 @@ def _overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _load_recipe(args: argparse.Namespace) -> RunConfig:
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
 
