@@ -279,6 +279,7 @@ class RunConfig:
     task: str | None = (
         None  # a shipped task (infalign.lm.tasks.TASKS): fills reward, prompts, procedure
     )
+    tracking: tuple[str, ...] = ()  # experiment trackers (infalign.run.tracking.TRACKERS)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference_model: ModelConfig | None = None  # defaults to `model`
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -293,7 +294,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every section (and the transform / procedure strings); returns self."""
         from infalign.core.procedures import parse_procedure
+        from infalign.run.tracking import check_trackers
 
+        check_trackers(self.tracking, "tracking")
         self.model.validate("model")
         if self.reference_model is not None:
             self.reference_model.validate("reference_model")
