@@ -98,7 +98,9 @@ def test_flat_config_and_eval_scalars(assets, tmp_path):
     flat = tracking.flat_config(cfg, cfg.methods[1], 0.25)
     assert flat["rl.beta"] == 0.25 and flat["rl.transform"] == "exp:auto"
     assert flat["method"] == "ctrl-exp" and flat["reference_model"] is None
-    assert flat["prompts.test.column"] == "prompt" and json.loads(flat["methods"])[0]["name"] == "raw"
+    assert (
+        flat["prompts.test.column"] == "prompt" and json.loads(flat["methods"])[0]["name"] == "raw"
+    )
     assert tracking.run_name(cfg.methods[1], 0.25) == "ctrl-exp/beta=0.25"
     assert tracking.run_name(None, None) == "reference"
     w = {"mean": 0.6, "low": 0.5, "high": 0.7, "stderr": None}
