@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = (
         "Any config key can be overridden after the recipe as --section.key VALUE or "
         "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
-        "--rl.steps 10 --out runs/x); an unknown key is an error."
+        "--rl.steps 10 --out runs/x); an unknown key is an error. Every key with its type, "
+        "default and help: infalign config show [RECIPE]."
     )
     p = sub.add_parser(
         "reference",
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
+    from infalign.run import schema
+
+    schema.register(sub)  # config show | schema
     return parser
 
 
