@@ -316,9 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
-    from infalign.run import schema
+    from infalign.run import export, schema
 
     schema.register(sub)  # config show | schema
+    export.register(sub, _load_recipe, _method_name)
     return parser
 
 
