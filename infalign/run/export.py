@@ -76,11 +76,9 @@ def _ci(d: dict[str, Any]) -> str:
     return f"{d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}]"
 
 
-def model_card(cfg: RunConfig, facts: dict[str, Any], exported_by: str) -> str:
-    """The model card (markdown with a YAML header for the Hub) of an exported policy from its
-    ``facts`` (:data:`FACTS`): what was trained, and what its evaluation measured."""
-    ev, tf, pol = facts["eval"], facts["transform"], facts["eval"]["policy"]
-    conf = ev["win_rate"][next(iter(ev["win_rate"]))]["confidence"]
+def _eval_rows(ev: dict[str, Any]) -> list[str]:
+    """Markdown table rows of an eval.json: KL (± stderr, interval), each procedure's win rate
+    with its interval and the calibrated-space bound at that KL, and the standard win rate."""
     kl = ev["kl"]
     se = "" if kl.get("stderr") is None else f" ± {kl['stderr']:.4f}"
     rows = [f"| KL(pi ‖ pi_ref), nats | {kl['mean']:.4f}{se} [{kl['low']:.4f}, {kl['high']:.4f}] |"]
@@ -90,6 +88,15 @@ def model_card(cfg: RunConfig, facts: dict[str, Any], exported_by: str) -> str:
         rows.append(f"| {proc} win rate vs pi_ref | {_ci(w)}{extra} |")
     if "sample" not in ev["win_rate"]:
         rows.append(f"| standard win rate vs pi_ref | {_ci(ev['standard_win_rate'])} |")
+    return rows
+
+
+def model_card(cfg: RunConfig, facts: dict[str, Any], exported_by: str) -> str:
+    """The model card (markdown with a YAML header for the Hub) of an exported policy from its
+    ``facts`` (:data:`FACTS`): what was trained, and what its evaluation measured."""
+    ev, tf, pol = facts["eval"], facts["transform"], facts["eval"]["policy"]
+    conf = ev["standard_win_rate"]["confidence"]
+    rows = _eval_rows(ev)
     s = ev["settings"]["sampling"]
     rl = facts["train_config"]["rl"]
     lora = cfg.model.lora_r > 0
