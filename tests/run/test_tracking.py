@@ -4,6 +4,7 @@ crash and a resume; a tracker that is unknown or not installed is a one-line err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -146,3 +147,19 @@ def test_bad_tracker_is_a_one_line_error_before_any_work(
     for needle in needles:
         assert needle in err[0], (needle, err[0])
     assert not out.exists()
+
+
+def test_other_trackers_are_built_offline_inside_the_run_directory(assets, tmp_path, monkeypatch):
+    from accelerate.tracking import TrackioTracker, WandBTracker
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_config(RECIPE, _over(assets, tmp_path / "exp"))
+    cfg = dataclasses.replace(
+        cfg, tracking=("wandb", "trackio")
+    )  # not installed: built, not started
+    wandb, trackio = tracking._trackers(cfg, "raw/beta=0.1", 0)
+    assert isinstance(wandb, WandBTracker) and isinstance(trackio, TrackioTracker)
+    assert wandb.run_name == "exp" and trackio.run_name == "exp"  # the project: out's name
+    root = str((tmp_path / "exp" / "tracking").resolve())
+    assert wandb.init_kwargs == {"name": "raw/beta=0.1", "dir": root, "mode": "offline"}
+    assert trackio.init_kwargs == {"name": "raw/beta=0.1"}
