@@ -115,7 +115,10 @@ def run_name(method: Any, beta: float | None) -> str:
     """``<method>/beta=<b>`` for a trained policy (a MethodConfig), ``reference`` for pi_ref (None)."""
     from infalign.run.runs import REFERENCE_ROW, beta_name
 
-    return REFERENCE_ROW if method is None else f"{method.name}/{beta_name(float(beta))}"
+    if method is None:
+        return REFERENCE_ROW
+    assert beta is not None
+    return f"{method.name}/{beta_name(beta)}"
 
 
 def flat_config(cfg: Any, method: Any = None, beta: float | None = None) -> dict[str, Any]:
@@ -125,6 +128,7 @@ def flat_config(cfg: Any, method: Any = None, beta: float | None = None) -> dict
 
     tree = to_dict(cfg)
     if method is not None:
+        assert beta is not None
         tree["rl"].update(beta=float(beta), transform=method.transform)
         tree["method"] = method.name
 
