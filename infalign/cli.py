@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from infalign.run import export, schema
 
-    schema.register(sub)  # config show | schema
+    schema.register(sub, _load_recipe)  # config show | schema
     export.register(sub, _load_recipe, _method_name)
     return parser
 

@@ -246,35 +246,36 @@ def json_schema() -> dict[str, Any]:
 # --- the CLI verb (registered by infalign.cli) ---------------------------------------------------
 
 
-def _cmd_show(args: Any) -> int:
-    cfg = None
-    if args.recipe is not None:
-        from infalign.run.recipe import load_config
+def register(sub: Any, load_recipe: Any) -> None:
+    """Add ``infalign config show [RECIPE [--section.key VALUE ...]]`` and ``infalign config
+    schema [--out FILE]``; ``load_recipe(args)`` is the CLI's recipe loader (with overrides)."""
 
-        cfg = load_config(args.recipe)
-    print(show(cfg))
-    return 0
-
-
-def _cmd_schema(args: Any) -> int:
-    text = json.dumps(json_schema(), indent=2) + "\n"
-    if args.out is None:
-        print(text, end="")
+    def cmd_show(args: Any) -> int:
+        if args.recipe is None and args.extra:
+            raise ValueError(f"config show: overrides {args.extra} need a recipe")
+        print(show(None if args.recipe is None else load_recipe(args)))
         return 0
-    from infalign.run.io import atomic_write_text
 
-    atomic_write_text(args.out, text)
-    print(f"wrote {args.out}")
-    return 0
+    def cmd_schema(args: Any) -> int:
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if args.out is None:
+            print(text, end="")
+            return 0
+        from infalign.run.io import atomic_write_text
 
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+        return 0
 
-def register(sub: Any) -> None:
-    """Add ``infalign config show [RECIPE]`` and ``infalign config schema [--out FILE]``."""
     p = sub.add_parser("config", help="every recipe key: its type, default and help; JSON Schema")
     verbs = p.add_subparsers(dest="config_command", required=True, parser_class=type(p))
-    s = verbs.add_parser("show", help="every key with type, default and help (and RECIPE's values)")
-    s.add_argument("recipe", nargs="?", help="a recipe YAML: also show its resolved values")
-    s.set_defaults(func=_cmd_show)
+    s = verbs.add_parser(
+        "show",
+        help="every key with type, default and help (and RECIPE's values)",
+        allow_abbrev=False,
+    )
+    s.add_argument("recipe", nargs="?", help="a recipe YAML (then overrides may follow it)")
+    s.set_defaults(func=cmd_show, overrides_ok=True)
     s = verbs.add_parser("schema", help="a JSON Schema of the recipe, for editors")
     s.add_argument("--out", help="write it to this file (default: stdout)")
-    s.set_defaults(func=_cmd_schema)
+    s.set_defaults(func=cmd_schema)

@@ -91,11 +91,13 @@ def test_config_verbs(tmp_path, capsys):
     assert lines[0].split() == ["key", "type", "default", "help"]
     beta = next(line for line in lines if line.startswith("rl.beta "))
     assert beta.split()[:3] == ["rl.beta", "float", "0.1"] and "KL coefficient" in beta
-    assert main(["config", "show", str(ROOT / "recipes" / "tiny.yaml")]) == 0
+    assert main(["config", "show", str(ROOT / "recipes" / "tiny.yaml"), "--rl.beta", "0.3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["key", "type", "default", "value", "help"]
     steps = next(line for line in lines if line.startswith("rl.steps "))
     assert steps.split()[:4] == ["rl.steps", "int", "100", "3"]  # tiny.yaml's value
+    beta = next(line for line in lines if line.startswith("rl.beta "))
+    assert beta.split()[:4] == ["rl.beta", "float", "0.1", "0.3"]  # the override
     names = next(line for line in lines if line.startswith("methods[].name "))
     assert '["raw", "ctrl-exp"]' in names
     out = tmp_path / "recipe.schema.json"
