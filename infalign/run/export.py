@@ -1,4 +1,5 @@
-"""The aligned policy as a standard model: ``infalign export RECIPE --method M [--beta B] --to DIR``.
+"""The aligned policy as a standard model: ``infalign export RECIPE --method M [--beta B] --to DIR``
+(``--beta`` defaults to the method's beta when it has one).
 
 The train stage's ``checkpoint/`` is a ``save_pretrained`` directory, but it also holds the trainer
 state, and with LoRA only the adapter. The export is a plain Hugging Face model directory that
@@ -156,14 +157,17 @@ def model_card(cfg: RunConfig, facts: dict[str, Any], exported_by: str) -> str:
 def export_policy(
     cfg: RunConfig, method: str, beta: float | None, to: str | Path, command: str = ""
 ) -> Path:
-    """Write the trained ``method`` at ``beta`` (default ``rl.beta``) as a Hugging Face model
-    directory ``to`` with a model card (module docstring); returns ``to``."""
+    """Write the trained ``method`` at ``beta`` (default: the method's beta, if it has one) as a
+    Hugging Face model directory ``to`` with a model card (module docstring); returns ``to``."""
     from transformers import AutoTokenizer
 
     from infalign.rl.checkpoint import CHECKPOINT_DIR
     from infalign.run.pipeline import _load_checkpoint
 
-    b = float(cfg.rl.beta if beta is None else beta)
+    betas = get_method(cfg, method).betas
+    if beta is None and len(betas) != 1:
+        raise ValueError(f"export: --beta is required: method {method!r} has betas {list(betas)}")
+    b = float(betas[0] if beta is None else beta)
     out = Path(to)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export: {str(out)!r} exists and is not an empty directory")
@@ -219,6 +223,6 @@ def register(sub: Any, load_recipe: Any, method_name: Any) -> None:
     )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--method", help="a method name of the recipe (required if it has several)")
-    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
+    p.add_argument("--beta", type=float, help="KL coefficient (default: the method's only beta)")
     p.add_argument("--to", required=True, metavar="DIR", help="output directory (new or empty)")
     p.set_defaults(func=cmd, overrides_ok=True)

@@ -93,9 +93,14 @@ def test_a_lora_policy_is_exported_merged(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora = {"model.lora_r": 2, "model.lora_target_modules": "c_attn", "rl.lr": 0.05}
+    lora["methods"] = "[{name: raw, transform: raw, betas: [0.1, 0.2]}]"
     cfg = load_config(RECIPE, _over(assets, tmp_path / "run", **lora))
-    pipeline.run_train(cfg, "raw")
-    ev = pipeline.run_evaluate(cfg, "raw")
+    pipeline.run_train(cfg, "raw", 0.1)
+    ev = pipeline.run_evaluate(cfg, "raw", 0.1)
+    with pytest.raises(
+        ValueError, match=r"--beta is required: method 'raw' has betas \[0\.1, 0\.2\]"
+    ):
+        export_policy(cfg, "raw", None, tmp_path / "merged")
     to = export_policy(cfg, "raw", 0.1, tmp_path / "merged")
     assert not (to / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(str(to)).eval()
