@@ -351,7 +351,7 @@ def _check_transform_spec(path: str, spec: str) -> None:
         _fail(path, spec, str(err))
 
 
-# --- dict <-> dataclass (reading recipes: infalign.run.recipe) ---------------------------------------
+# --- dict <-> dataclass (reading recipes: infalign.run.recipe) ------------------------------------
 
 
 def to_dict(cfg: Any) -> Any:
