@@ -2,7 +2,7 @@
 (also ``wandb``, ``trackio``, ``mlflow`` where installed; each is an optional extra).
 
 Each trained policy is one tracker run named ``<method>/beta=<b>`` (its train directory's name) in
-the experiment ``<out>``'s directory name; pi_ref's evaluation is the run ``reference``. Files stay
+an experiment named after the ``out`` directory; pi_ref's evaluation is the run ``reference``. Files stay
 inside the run directory, and every tracker runs offline:
 
     <out>/tracking/<method>/beta=<b>/events.out.tfevents.*   tensorboard (``tensorboard --logdir <out>/tracking``)
@@ -21,7 +21,7 @@ What is logged (``docs/metrics.md``):
 
 **Resume.** A resumed training run continues the same tensorboard run with ``purge_step`` = the
 checkpoint's step: the events of steps logged after that checkpoint by the interrupted attempt are
-hidden from every tensorboard reader, so each step has one value, equal to ``metrics.jsonl``'s. The
+dropped by tensorboard's event reader, so each step has one value, equal to ``metrics.jsonl``'s. The
 other trackers start a new run of the same name on every command (their offline runs have no
 purge), so there the re-done steps appear in both runs.
 """
