@@ -142,9 +142,14 @@ def _overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _load_recipe(args: argparse.Namespace) -> RunConfig:
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
-    cfg = load_config(args.recipe, _overrides(getattr(args, "extra", [])))
+    return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
+
+
+def _load_run(args: argparse.Namespace) -> RunConfig:
+    """The recipe of a verb that writes into its ``out`` (checked to be a writable directory)."""
+    cfg = _load_recipe(args)
     check_out(cfg.out)
     return cfg
 
@@ -185,7 +190,7 @@ def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
 def cmd_reference(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     splits = [args.split] if args.split else list(pipeline.SPLITS)
     refs = pipeline.run_references(cfg, splits)
     for split, ref in refs.items():
@@ -201,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
     from infalign.run.io import read_json
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     method = _method_name(cfg, args)
     d = pipeline.run_train(cfg, method, args.beta)
     last = read_json(d / "manifest.json").get("summary") or {}
@@ -220,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
     from infalign.run.io import read_json
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     if args.reference and (args.method is not None or args.beta is not None):
         raise UsageError("--reference evaluates pi_ref itself: give it without --method/--beta")
     method = None if args.reference else _method_name(cfg, args)
@@ -237,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     results = pipeline.run_all(cfg, report=not args.no_report)
     _print_table(results["rows"], results["procedures"])
     out = Path(cfg.out)
@@ -285,7 +290,8 @@ _OVER = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
 _EPILOG = (
     "Any config key can be overridden after the recipe as --section.key VALUE or "
     "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
-    "--rl.steps 10 --out runs/x); an unknown key is an error."
+    "--rl.steps 10 --out runs/x); an unknown key is an error. Every key with its type, "
+    "default and help: infalign config show [RECIPE]."
 )
 
 
@@ -338,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
     _theory_verbs(sub)
     _pipeline_verbs(sub)
+    from infalign.run import export, schema
+
+    schema.register(sub, _load_recipe)  # config show | schema
+    export.register(sub, _load_recipe, _method_name)
     return parser
 
 

@@ -355,7 +355,7 @@ def test_raw_is_one_check_in_any_case():
     trainer, advantages, TRL): the config check was case-sensitive and refused "Raw"."""
     from tiny_assets import RECIPE
 
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     assert is_raw(None) and is_raw("raw") and is_raw(" Raw ") and is_raw("RAW")
     assert not is_raw("identity") and not is_raw(Identity()) and not is_raw("raw:1")
