@@ -64,6 +64,11 @@ def _out_is_file(a: dict, out: Path) -> list[str]:
     return _run()(a, out.parent / "afile")
 
 
+def _frontier_out_file(a: dict, out: Path) -> list[str]:
+    (out.parent / "afile").write_text("not a directory")
+    return ["frontier", "--kl", "0.5", "--out", str(out.parent / "afile")]
+
+
 # case -> (argv maker, substrings the one error line must contain)
 CASES: dict[str, tuple[Callable[[dict, Path], list[str]], list[str]]] = {
     # the earlier bad-input table
@@ -118,6 +123,7 @@ CASES: dict[str, tuple[Callable[[dict, Path], list[str]], list[str]]] = {
     ),
     "out is a file": (_out_is_file, ["afile", "is a file"]),
     "out below a file": (_out_below_file, ["afile", "which is a file"]),
+    "frontier --out a file": (_frontier_out_file, ["--out=", "afile", "is a file"]),
     "reward raises": (
         _reward("failing_reward"),
         ["failing_reward raised Boom: reward backend crashed", "reward_fns.py:"],
