@@ -212,41 +212,12 @@ HOW_TO_READ = (
 )
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/report.md`` with ``winrate_vs_kl.png`` and ``training.png`` from the run's
-    artifacts (see the module docstring); returns the report's path. ValueError names a missing
-    required artifact (``results.json``, ``config.yaml``)."""
-    run = load_run(run_dir)
-    d: Path = run["dir"]
-    procs, head = _procedures(run)
-    grid = _theory_kls(run)
-    curves = {p: _optimum(p, grid) for p in {head, "sample"} if p in procs or p == head}
-    missing_bound = [  # rows without a recorded bound: compute it (theory, labelled as such)
-        r["kl"]["mean"]
-        for r in run["rows"]
-        if r["method"] != "reference" and head not in r["bound"] and "mean" in r["kl"]
-    ]
-    bounds = _optimum(head, missing_bound) if missing_bound else {}
-    plot_run_winrate(run, d / "winrate_vs_kl.png", curves)
-    training = plot_training(run["training"], d / "training.png")
-
-    title = get(run["config"], "report.title") or "infalign report"
+def _results_section(
+    run: dict[str, Any], procs: list[str], head: str, bounds: dict[float, float]
+) -> list[str]:
+    """The report's Results section: the table, how to read its columns, a small-test-set note."""
     conf = num(get(run["results"], "confidence")) or num(get(run["config"], "evaluate.confidence"))
-    md = [
-        f"# {title}",
-        "",
-        f"Run directory: `{d}`. Every measured number below is read from the "
-        "run's artifacts; numbers marked *theory* are computed in calibrated space.",
-        "",
-    ]
-    missing = get(run["results"], "missing") or []
-    if get(run["results"], "complete") is False or missing:
-        md += [
-            f"> **Incomplete run**: no results yet for {', '.join(map(str, missing)) or 'some rows'}.",
-            "",
-        ]
-    md += [f"## {head} win rate vs KL", "", "![win rate vs KL](winrate_vs_kl.png)", ""]
-    md += ["## Results", ""]
+    md = ["## Results", ""]
     md += results_table(run, procs, head, bounds)
     ci = f"{100 * conf:g}% " if conf is not None else ""
     md += [
@@ -268,6 +239,43 @@ def write_report(run_dir: str | Path) -> Path:
             "far from 1/2).",
             "",
         ]
+    return md
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.md`` with ``winrate_vs_kl.png`` and ``training.png`` from the run's
+    artifacts (see the module docstring); returns the report's path. ValueError names a missing
+    required artifact (``results.json``, ``config.yaml``)."""
+    run = load_run(run_dir)
+    d: Path = run["dir"]
+    procs, head = _procedures(run)
+    grid = _theory_kls(run)
+    curves = {p: _optimum(p, grid) for p in {head, "sample"} if p in procs or p == head}
+    missing_bound = [  # rows without a recorded bound: compute it (theory, labelled as such)
+        r["kl"]["mean"]
+        for r in run["rows"]
+        if r["method"] != "reference" and head not in r["bound"] and "mean" in r["kl"]
+    ]
+    bounds = _optimum(head, missing_bound) if missing_bound else {}
+    plot_run_winrate(run, d / "winrate_vs_kl.png", curves)
+    training = plot_training(run["training"], d / "training.png")
+
+    title = get(run["config"], "report.title") or "infalign report"
+    md = [
+        f"# {title}",
+        "",
+        f"Run directory: `{d}`. Every measured number below is read from the "
+        "run's artifacts; numbers marked *theory* are computed in calibrated space.",
+        "",
+    ]
+    missing = get(run["results"], "missing") or []
+    if get(run["results"], "complete") is False or missing:
+        md += [
+            f"> **Incomplete run**: no results yet for {', '.join(map(str, missing)) or 'some rows'}.",
+            "",
+        ]
+    md += [f"## {head} win rate vs KL", "", "![win rate vs KL](winrate_vs_kl.png)", ""]
+    md += _results_section(run, procs, head, bounds)
     md += ["## Training", ""]
     if training is not None:
         md += ["![training curves](training.png)", "", *training_table(run["training"]), ""]
