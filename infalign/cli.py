@@ -1,4 +1,4 @@
-"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run``.
+"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run|serve-reward|export-reward``.
 
 The only module that prints. Bad arguments give a one-line error on stderr and exit status 2.
 """
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
+    from infalign.integrations.commands import add_commands
+
+    add_commands(sub, _load_recipe, print, epilog)  # serve-reward, export-reward
     return parser
 
 

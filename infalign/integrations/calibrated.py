@@ -291,4 +291,3 @@ class CalibratedReward:
             if out.calibrated is not None:
                 log_extra(f"{self.__name__}/calibrated", out.calibrated.tolist())
         return out.reward.tolist()
-
