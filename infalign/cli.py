@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
-    from infalign.integrations.commands import add_commands
+    from infalign.integrations.commands import add_commands  # serve-reward, export-reward
 
-    add_commands(sub, _load_recipe, print, epilog)  # serve-reward, export-reward
+    add_commands(sub, _load_recipe, lambda msg: print(msg, flush=True), epilog)
     return parser
 
 
