@@ -251,6 +251,13 @@ def _server_class() -> Any:
                 self.stopped_by = list(captured)
                 captured.clear()
 
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            log.info(
+                "reward server: shutting down; finishing %d request(s) in flight",
+                len(self.server_state.tasks),
+            )
+            await super().shutdown(sockets=sockets)
+
     return _Server
 
 

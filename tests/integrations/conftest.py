@@ -44,7 +44,7 @@ def ctrl_run(tmp_path_factory) -> CTRLRun:
         "model.name": str(assets["model"]),
         "prompts.train.source": str(assets["train"]),
         "prompts.test.source": str(assets["test"]),
-        "reward.name": f"{ROOT / 'tests' / 'tiny_assets.py'}:vowel_reward",
+        "reward.name": f"{ROOT / 'tests' / 'tiny_assets.py'}:gated_vowel_reward",
         "out": str(d / "run"),
     }
     cfg = load_config(RECIPE, over)
