@@ -23,7 +23,7 @@ Method {method}: reward Phi(C_hat(x, y)) with Phi = {transform}, calibrated agai
 {reference_dir} (K = {num_samples} reference rewards per prompt). The reward model and the reference
 rewards load once per process, on the first call.
 
-OpenRLHF: --reward.remote_url {path}   (reward_func; --remote_rm_url in older OpenRLHF)
+OpenRLHF: --reward.remote_url {path}   (reward_func; --remote_rm_url before OpenRLHF 0.10.2)
 verl:     custom_reward_function.path={path} custom_reward_function.name=compute_score
           (or name=compute_score_batch with reward_model.reward_manager=batch); every dataset row
           needs extra_info.prompt = its prompt text as in the reference artifact (docs/verl.md).

@@ -5,7 +5,7 @@ github.com/OpenRLHF/OpenRLHF) decodes each rollout as ``query = decode(prompt_id
 skip_special_tokens=False)`` and asks for its reward either
 
 - over HTTP: ``POST {"query": [...], "prompts": [...], "labels": [...]}`` to ``--reward.remote_url``
-  (``--remote_rm_url`` before the 2026 argument regroup), served by ``infalign serve-reward``; or
+  (``--remote_rm_url`` before OpenRLHF 0.10.2), served by ``infalign serve-reward``; or
 - in process: ``reward_func(queries, prompts, labels)`` from the Python file given as that URL
   (loaded with ``importlib``, called through ``asyncio.to_thread`` with one query per call), written
   by ``infalign export-reward``.
