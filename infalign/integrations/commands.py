@@ -91,7 +91,13 @@ def add_commands(
 
     def cmd_serve(args: argparse.Namespace) -> int:
         from infalign.integrations.recipe_reward import CTRLReward
-        from infalign.integrations.reward_server import serve
+
+        try:
+            from infalign.integrations.reward_server import serve
+        except ImportError as err:
+            raise ValueError(
+                f"serve-reward needs FastAPI and uvicorn ({err}): pip install 'infalign[serve]'"
+            ) from None
 
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: expected 0..65535")
@@ -105,7 +111,8 @@ def add_commands(
 
         def ready(host: str, port: int) -> None:
             tf = "raw" if reward.transform is None else str(reward.transform)
-            echo(f"serving {reward.spec.method} ({tf}) on http://{host}:{port}/get_reward")
+            where = f"[{host}]" if ":" in host else host
+            echo(f"serving {reward.spec.method} ({tf}) on http://{where}:{port}/get_reward")
 
         stopped = serve(
             reward, args.host, args.port, args.max_batch, args.max_request_bytes, on_ready=ready

@@ -297,4 +297,6 @@ def serve(
     server.stopped_by = []
     with sock:
         server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("the reward server did not start (see uvicorn's error above)")
     return server.stopped_by

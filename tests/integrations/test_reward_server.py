@@ -211,3 +211,57 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(ctrl_run, server):
     assert held["r"].json()["rewards"] == _expected(ctrl_run, [p], [GATE]).reward.tolist()
     assert server.proc.wait(timeout=WAIT) == 0
     server.wait_for(server.stdout, r"^stopped \(signal 15\)")
+
+
+class _FakeReward:
+    """Reward of response r: raw len(r), calibrated len(r)/10, CTRL 2 len(r); raises on a prompt
+    "bad"; records the size of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, prompts, responses):
+        import torch
+
+        from infalign.integrations.calibrated import CalibratedRewardOutput
+
+        self.calls.append(len(prompts))
+        if "bad" in prompts:
+            raise ValueError("reward model failed on 'bad'")
+        raw = torch.tensor([float(len(r)) for r in responses], dtype=torch.float64)
+        return CalibratedRewardOutput(raw, raw / 10, 2 * raw)
+
+
+def test_batcher_groups_queued_requests_and_isolates_a_failing_one():
+    """Requests queued while the worker is busy go into one reward call of at most max_batch pairs
+    (a larger request alone), each gets its own slice back, and a failing request fails alone."""
+    from infalign.integrations.reward_server import _Batcher, _Job
+
+    sizes = [1, 2, 1, 5, 1, 1]
+    jobs_in = [(["p"] * n, ["x" * (10 * j + k) for k in range(n)]) for j, n in enumerate(sizes)]
+    jobs_in[4] = (["bad"], ["y"])
+
+    async def scenario():
+        fake = _FakeReward()
+        batcher = _Batcher(fake, max_batch=3)
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(p, r, loop.create_future()) for p, r in jobs_in]
+        for job in jobs:  # all queued before the worker starts
+            batcher.queue.put_nowait(job)
+        worker = asyncio.create_task(batcher.run())
+        results = await asyncio.wait_for(
+            asyncio.gather(*(j.future for j in jobs), return_exceptions=True), WAIT
+        )
+        worker.cancel()
+        batcher.executor.shutdown()
+        return fake.calls, results
+
+    calls, results = asyncio.run(scenario())
+    # [1, 2] | [1] (5 would overflow) | [5] alone | [bad, 1] fails, then each alone: [bad], [1]
+    assert calls == [3, 1, 5, 2, 1, 1]
+    for (_, responses), res in zip(jobs_in, results, strict=True):
+        if responses == ["y"]:
+            assert isinstance(res, ValueError) and "bad" in str(res)
+        else:
+            assert res.reward.tolist() == [2.0 * len(r) for r in responses]
+            assert res.calibrated.tolist() == [len(r) / 10 for r in responses]
