@@ -173,7 +173,8 @@ def _resolve(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[str, Any]]
 
 def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
     from infalign.lm.models import load_model
-    from infalign.rl.trainer import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE, CTRLTrainer
+    from infalign.rl.algorithms import trainer_class
+    from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 
     cfg = env.cfg
     d, what = train_dir(cfg, method.name, beta), f"train/{method.name}/{beta_name(beta)}"
@@ -201,37 +202,19 @@ def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
     policy = load_model(cfg.model, trainable=True)
     shared_base = cfg.model.lora_r > 0 and cfg.reference_model is None
     reference = None if shared_base else env.reference_model()
-    trainer: CTRLTrainer
-    if rl.algorithm == "regression":
-        from infalign.rl.regression import RegressionTrainer
-
-        trainer = RegressionTrainer(
-            policy,
-            reference,
-            env.tokenizer(),
-            ref,
-            calibration,
-            tf,
-            rl,
-            cfg.sampling,
-            d,
-            resume=resume,
-            reward_fn=env.reward() if rl.onpolicy_samples > 0 else None,
-        )
-    else:
-        trainer = CTRLTrainer(
-            policy,
-            reference,
-            env.tokenizer(),
-            prompts,
-            env.reward(),
-            calibration,
-            tf,
-            rl,
-            cfg.sampling,
-            d,
-            resume=resume,
-        )
+    trainer = trainer_class(rl.algorithm).from_reference(
+        policy,
+        reference,
+        env.tokenizer(),
+        ref,
+        env.reward,
+        calibration,
+        tf,
+        rl,
+        cfg.sampling,
+        d,
+        resume=resume,
+    )
     trainer.train()
     del trainer, policy
     gc.collect()
@@ -322,7 +305,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
     from infalign.core.procedures import parse_procedure
     from infalign.lm.models import derive_seed, generate
     from infalign.lm.rewards import score
-    from infalign.rl.trainer import CHECKPOINT_DIR
+    from infalign.rl.checkpoint import CHECKPOINT_DIR
 
     cfg, ev = env.cfg, env.cfg.evaluate
     d = eval_dir(cfg, None if method is None else method.name, beta)
@@ -428,10 +411,10 @@ def _transfer(
     reference pool (P_test x K' samples of pi_ref with stored tokens and log pi_ref), the policy's
     sequence log-ratio against the target ``(R - beta log Z_p) / beta`` (spec 6b; R = Phi(C_hat) with
     C_hat the pool's own mid-ranks, or the raw reward): slope, correlation, RMSE
-    (:func:`infalign.rl.regression.fit_diagnostics`)."""
+    (:func:`infalign.rl.algorithms.regression.fit_diagnostics`)."""
     from infalign.core.transforms import transform_from_dict
     from infalign.rl.advantages import ctrl_reward
-    from infalign.rl.regression import fit_diagnostics, regression_target
+    from infalign.rl.algorithms.regression import fit_diagnostics, regression_target
 
     cfg = env.cfg
     spec = tinfo.get("transform")
