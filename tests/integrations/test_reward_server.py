@@ -265,3 +265,15 @@ def test_batcher_groups_queued_requests_and_isolates_a_failing_one():
         else:
             assert res.reward.tolist() == [2.0 * len(r) for r in responses]
             assert res.calibrated.tolist() == [len(r) / 10 for r in responses]
+
+
+def test_bad_serve_arguments_fail_before_loading(ctrl_run, capsys):
+    from infalign.cli import main
+
+    for flags, msg in (
+        (["--port", "70000"], "--port 70000: expected 0..65535"),
+        (["--max-batch", "0"], "--max-batch 0: must be >= 1"),
+        (["--method", "nope"], "nope"),
+    ):
+        assert main(["serve-reward", RECIPE, *flags, *ctrl_run.argv]) == 2
+        assert msg in capsys.readouterr().err
