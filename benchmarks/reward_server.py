@@ -93,6 +93,25 @@ def _row(name: str, lat: np.ndarray, wall: float, errors: int) -> str:
     return f"| {name} | {len(lat) / wall:.0f} | {p50:.1f} | {p99:.1f} | {errors} |"
 
 
+def _measure(
+    name: str, cmd: list[str], env: dict[str, str], bodies: list, want: list, concurrency: int
+) -> tuple[str, float]:
+    """Start one server, warm it up, time the load; (table row, requests/s). Answers of the
+    infalign servers that differ from ``want`` count as errors."""
+    proc, url = _start(cmd, env)
+    try:
+        asyncio.run(_load(url, bodies[:100], concurrency))  # warm-up
+        answers, lat, wall = asyncio.run(_load(url, bodies, concurrency))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    errors = sum(not isinstance(a, dict) for a in answers)
+    if name.startswith("serve-reward"):
+        got = [a["rewards"][0] if isinstance(a, dict) else None for a in answers]
+        errors += sum(g is None or abs(g - w) > 1e-6 for g, w in zip(got, want, strict=True))
+    return _row(name, lat, wall, errors), len(lat) / wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000)
@@ -146,20 +165,8 @@ def main() -> None:
     ]
     rows, rate = [], {}
     for name, cmd in peers:
-        proc, url = _start(cmd, env)
-        try:
-            asyncio.run(_load(url, bodies[:100], args.concurrency))  # warm-up
-            answers, lat, wall = asyncio.run(_load(url, bodies, args.concurrency))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        errors = sum(not isinstance(a, dict) for a in answers)
-        if name.startswith("serve-reward"):
-            got = [a["rewards"][0] if isinstance(a, dict) else None for a in answers]
-            wrong = sum(g is None or abs(g - w) > 1e-6 for g, w in zip(got, want, strict=True))
-            errors += wrong
-        rows.append(_row(name, lat, wall, errors))
-        rate[name] = len(lat) / wall
+        row, rate[name] = _measure(name, cmd, env, bodies, want, args.concurrency)
+        rows.append(row)
     print("\n| server | requests/s | p50 latency (ms) | p99 latency (ms) | errors |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

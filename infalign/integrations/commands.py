@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import pprint
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,55 @@ def _spec(args: argparse.Namespace, load_recipe: Callable[[argparse.Namespace], 
     return spec_from_recipe(load_recipe(args), args.method, not args.keep_special_tokens)
 
 
+def _cmd_serve(
+    args: argparse.Namespace,
+    load_recipe: Callable[[argparse.Namespace], Any],
+    echo: Callable[[str], None],
+) -> int:
+    """``infalign serve-reward``: check the flags, load the reward, serve until a signal."""
+    from infalign.integrations.recipe_reward import CTRLReward
+
+    try:
+        from infalign.integrations.reward_server import serve
+    except ImportError as err:
+        raise ValueError(
+            f"serve-reward needs FastAPI and uvicorn ({err}): pip install 'infalign[serve]'"
+        ) from None
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0..65535")
+    for flag, value in (
+        ("--max-batch", args.max_batch),
+        ("--max-request-bytes", args.max_request_bytes),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+    reward = CTRLReward(_spec(args, load_recipe))
+
+    def ready(host: str, port: int) -> None:
+        tf = "raw" if reward.transform is None else str(reward.transform)
+        where = f"[{host}]" if ":" in host else host
+        echo(f"serving {reward.spec.method} ({tf}) on http://{where}:{port}/get_reward")
+
+    stopped = serve(
+        reward, args.host, args.port, args.max_batch, args.max_request_bytes, on_ready=ready
+    )
+    echo(f"stopped ({', '.join(f'signal {s}' for s in stopped) or 'no signal'})")
+    return 0
+
+
+def _cmd_export(
+    args: argparse.Namespace,
+    load_recipe: Callable[[argparse.Namespace], Any],
+    echo: Callable[[str], None],
+) -> int:
+    """``infalign export-reward``: write the reward file."""
+    spec = _spec(args, load_recipe)
+    path = export_reward_file(spec, args.output)
+    echo(f"wrote {path} (method {spec.method}; OpenRLHF reward_func, verl compute_score)")
+    return 0
+
+
 def add_commands(
     sub: Any,
     load_recipe: Callable[[argparse.Namespace], Any],
@@ -89,43 +139,7 @@ def add_commands(
 ) -> None:
     """Register ``serve-reward`` and ``export-reward`` on the ``infalign`` subparsers ``sub``."""
 
-    def cmd_serve(args: argparse.Namespace) -> int:
-        from infalign.integrations.recipe_reward import CTRLReward
-
-        try:
-            from infalign.integrations.reward_server import serve
-        except ImportError as err:
-            raise ValueError(
-                f"serve-reward needs FastAPI and uvicorn ({err}): pip install 'infalign[serve]'"
-            ) from None
-
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port {args.port}: expected 0..65535")
-        for flag, value in (
-            ("--max-batch", args.max_batch),
-            ("--max-request-bytes", args.max_request_bytes),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: must be >= 1")
-        reward = CTRLReward(_spec(args, load_recipe))
-
-        def ready(host: str, port: int) -> None:
-            tf = "raw" if reward.transform is None else str(reward.transform)
-            where = f"[{host}]" if ":" in host else host
-            echo(f"serving {reward.spec.method} ({tf}) on http://{where}:{port}/get_reward")
-
-        stopped = serve(
-            reward, args.host, args.port, args.max_batch, args.max_request_bytes, on_ready=ready
-        )
-        echo(f"stopped ({', '.join(f'signal {s}' for s in stopped) or 'no signal'})")
-        return 0
-
-    def cmd_export(args: argparse.Namespace) -> int:
-        spec = _spec(args, load_recipe)
-        path = export_reward_file(spec, args.output)
-        echo(f"wrote {path} (method {spec.method}; OpenRLHF reward_func, verl compute_score)")
-        return 0
-
+    bound = {"load_recipe": load_recipe, "echo": echo}
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("recipe", help="recipe YAML (its train reference artifact must exist)")
     common.add_argument(
@@ -149,7 +163,7 @@ def add_commands(
     p.add_argument(
         "--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413"
     )
-    p.set_defaults(func=cmd_serve, overrides_ok=True)
+    p.set_defaults(func=partial(_cmd_serve, **bound), overrides_ok=True)
     p.epilog = epilog
 
     p = sub.add_parser(
@@ -159,5 +173,5 @@ def add_commands(
         allow_abbrev=False,
     )
     p.add_argument("output", metavar="OUT.py", help="the .py file to write")
-    p.set_defaults(func=cmd_export, overrides_ok=True)
+    p.set_defaults(func=partial(_cmd_export, **bound), overrides_ok=True)
     p.epilog = epilog

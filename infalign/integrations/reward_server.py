@@ -169,6 +169,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _get_reward(
+    request: Request, reward: CTRLReward, batcher: _Batcher, max_body_bytes: int
+) -> Any:
+    """``POST /get_reward``: check the request (4xx), queue its pairs, answer OpenRLHF's payload."""
+    try:
+        queries, prompts = parse_request(await _read_body(request, max_body_bytes))
+        try:
+            responses = reward.split(queries, prompts)
+        except ValueError as err:
+            raise RequestError(422, str(err)) from None
+    except RequestError as err:
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+    if not queries:
+        return {"rewards": [], "scores": [], "extra_logs": {}}
+    try:
+        out = await batcher.submit(prompts, responses)
+    except Exception as err:
+        log.error("reward server: scoring failed: %s: %s", type(err).__name__, err)
+        return JSONResponse(
+            {"detail": f"the reward model failed: {type(err).__name__}: {err}"}, status_code=500
+        )
+    return payload(out)
+
+
 def create_app(
     reward: CTRLReward,
     max_batch: int = 256,
@@ -210,25 +234,7 @@ def create_app(
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> Any:
-        try:
-            queries, prompts = parse_request(await _read_body(request, max_body_bytes))
-            try:
-                responses = reward.split(queries, prompts)
-            except ValueError as err:
-                raise RequestError(422, str(err)) from None
-        except RequestError as err:
-            return JSONResponse({"detail": str(err)}, status_code=err.status)
-        if not queries:
-            return {"rewards": [], "scores": [], "extra_logs": {}}
-        try:
-            out = await batcher.submit(prompts, responses)
-        except Exception as err:
-            log.error("reward server: scoring failed: %s: %s", type(err).__name__, err)
-            return JSONResponse(
-                {"detail": f"the reward model failed: {type(err).__name__}: {err}"},
-                status_code=500,
-            )
-        return payload(out)
+        return await _get_reward(request, reward, batcher, max_body_bytes)
 
     return app
 
