@@ -258,6 +258,8 @@ def _server_class() -> Any:
                 captured.clear()
 
         async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for server in getattr(self, "servers", []):  # stop accepting, then say so
+                server.close()
             log.info(
                 "reward server: shutting down; finishing %d request(s) in flight",
                 len(self.server_state.tasks),
