@@ -132,14 +132,18 @@ def spec_from_recipe(
             "RECIPE --split train` (same overrides)"
         )
     meta = ReferenceSet.load(d).meta
-    special = tuple(t for t in load_tokenizer(cfg.model).all_special_tokens if t)
+    special = (
+        tuple(t for t in load_tokenizer(cfg.model).all_special_tokens if t)
+        if strip_special_tokens
+        else ()
+    )
     return RewardSpec(
         method=name,
         transform=None if tf is None else tf.to_dict(),
         reward=_absolute_reward(to_dict(cfg.reward)),
         reference_dir=str(d.resolve()),
         smoothed=cfg.reference.smoothed,
-        special_tokens=special if strip_special_tokens else (),
+        special_tokens=special,
         prompts_sha256=meta["prompts_sha256"],
         num_samples=int(meta["num_samples"]),
     )
