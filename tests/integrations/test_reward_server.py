@@ -150,9 +150,9 @@ def test_bad_inputs_get_a_clear_4xx_and_the_server_keeps_serving(ctrl_run, serve
 
 
 def test_bounded_concurrent_load_answers_every_request_right(ctrl_run, server):
-    """400 one-query requests (OpenRLHF sends one query per request) at concurrency 16; the full
+    """256 one-query requests (OpenRLHF sends one query per request) at concurrency 16; the full
     2,000-request measurement is benchmarks/reward_server.py."""
-    n, concurrency = 400, 16
+    n, concurrency = 256, 16
     pairs = [
         (ctrl_run.prompts[i % len(ctrl_run.prompts)], " ab" + "cdeio"[: i % 6] * (i % 5))
         for i in range(n)
