@@ -193,6 +193,12 @@ async def _get_reward(
     return payload(out)
 
 
+def _report_worker_exit(task: asyncio.Task[None]) -> None:
+    """Log the batching worker's failure (it only ends by cancellation at shutdown otherwise)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reward server: the batching worker failed: %r", task.exception())
+
+
 def create_app(
     reward: CTRLReward,
     max_batch: int = 256,
@@ -209,6 +215,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = asyncio.create_task(batcher.run())
+        worker.add_done_callback(_report_worker_exit)
         if on_ready is not None:
             on_ready()
         yield

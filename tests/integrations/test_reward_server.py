@@ -136,12 +136,13 @@ def test_bad_inputs_get_a_clear_4xx_and_the_server_keeps_serving(ctrl_run, serve
         ({"query": [p + "a", p], "prompts": [p]}, 422, "lists differ in length"),
         ({**good, "labels": [1, 2]}, 422, "lists differ in length"),
         ({"query": ["x" * LIMIT], "prompts": [p]}, 413, f"over the limit of {LIMIT} bytes"),
+        ((b"x" * (LIMIT // 2) for _ in range(3)), 413, "body is over the limit"),  # chunked
         ({"query": ["Elsewhere"], "prompts": ["Elsewhere"]}, 422, "prompts[0] 'Elsewhere' has no"),
         ({"query": ["Hello"], "prompts": [p]}, 422, "query[0] 'Hello' does not start with"),
     ]
     with httpx.Client(timeout=WAIT) as client:
         for body, status, detail in cases:
-            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            kw = {"json": body} if isinstance(body, (dict, list)) else {"content": body}
             r = client.post(server.url, **kw)
             assert r.status_code == status, (body, r.text)
             assert detail in r.json()["detail"], (body, r.text)
