@@ -170,7 +170,8 @@ class CTRLReward:
 
     def __init__(self, spec: RewardSpec, reward_fn: Any = None) -> None:
         from infalign.lm.rewards import load_reward, score
-        from infalign.run.config import RewardConfig, from_dict
+        from infalign.run.config import RewardConfig
+        from infalign.run.recipe import from_dict
         from infalign.run.reference import ReferenceSet
 
         ref = ReferenceSet.load(spec.reference_dir)

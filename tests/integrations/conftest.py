@@ -35,8 +35,8 @@ class CTRLRun:
 
 @pytest.fixture(scope="session")
 def ctrl_run(tmp_path_factory) -> CTRLRun:
-    from infalign.run.config import load_config
     from infalign.run.pipeline import _resolve, get_method, run_references
+    from infalign.run.recipe import load_config
 
     d = tmp_path_factory.mktemp("ctrl_run")
     assets = write_tiny_assets(d / "assets")
