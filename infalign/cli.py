@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import logging
 import os
@@ -342,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
+    add_parser = sub.add_parser
+
+    def add_verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [verbose, *kwargs.get("parents", ())]
+        return add_parser(name, **kwargs)
+
+    sub.add_parser = add_verb  # type: ignore[method-assign]
     _theory_verbs(sub)
     _pipeline_verbs(sub)
     from infalign.run import export, schema
@@ -352,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from infalign.integrations.commands import add_commands  # serve-reward, export-reward
 
-    add_commands(sub, _load_recipe, lambda msg: print(msg, flush=True), epilog)
+    add_commands(sub, _load_recipe, lambda msg: print(msg, flush=True), _EPILOG)
     return parser
 
 

@@ -213,7 +213,12 @@ def test_malformed_yaml_in_a_real_process_is_one_line(tmp_path):
 
 def test_verbose_is_accepted_after_the_verb(capsys):
     parser = build_parser()
-    for argv in (["-v", "run", "r.yaml"], ["run", "r.yaml", "--verbose"], ["run", "r.yaml", "-v"]):
+    for argv in (
+        ["-v", "run", "r.yaml"],
+        ["run", "r.yaml", "--verbose"],
+        ["run", "r.yaml", "-v"],
+        ["serve-reward", "r.yaml", "-v"],  # a verb registered with parents of its own
+    ):
         args, extra = parser.parse_known_args([*argv, "--rl.steps", "2"])
         assert args.verbose is True and extra == ["--rl.steps", "2"], argv
     args, _ = parser.parse_known_args(["run", "r.yaml"])
