@@ -49,6 +49,7 @@ from infalign.rl.advantages import (
 from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.losses import policy_gradient_loss
 from infalign.run.config import RLConfig, SamplingConfig
+from infalign.run.io import disk_errors
 
 __all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "STATE_FILE", "CTRLTrainer", "make_optimizer"]
 
@@ -435,7 +436,8 @@ class CTRLTrainer:
         if not self.accelerator.is_main_process:
             return
         log.info("rl step %d: %s", metrics["rl/step"], json.dumps(metrics))
-        with open(self.out_dir / METRICS_FILE, "a") as f:
+        path = self.out_dir / METRICS_FILE
+        with disk_errors(path), open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
     # --- checkpoints (files and state: infalign.rl.checkpoint) -------------------------------------
@@ -486,7 +488,7 @@ class CTRLTrainer:
         if ckpt is None:
             log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
             return False
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = ckpt_io.load_state(ckpt)
         ckpt_io.check_resumable(state, ckpt, self.rl, self.prompts)
         ckpt_io.load_weights(self.accelerator.unwrap_model(self.model), ckpt, self.is_peft)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -197,8 +197,10 @@ class RLConfig:
             _fail(f"{path}.beta", self.beta, "must be > 0")
         if not 0 < self.target_kl <= 12:
             _fail(f"{path}.target_kl", self.target_kl, "must be in (0, 12] nats")
-        if self.steps < 0:
-            _fail(f"{path}.steps", self.steps, "must be >= 0")
+        if self.steps < 1:
+            _fail(
+                f"{path}.steps", self.steps, "must be >= 1 (a policy trained for 0 steps is pi_ref)"
+            )
         if self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1):
             _fail(f"{path}.samples_per_prompt", self.samples_per_prompt, "RLOO needs M >= 2")
         for name in ("prompts_per_step", "ppo_epochs", "grad_accum", "save_every"):
@@ -302,6 +304,8 @@ class RunConfig:
         """Check every section (and the transform / procedure strings); returns self."""
         from infalign.core.procedures import parse_procedure
 
+        if not str(self.out).strip():
+            _fail("out", self.out, "the run directory must be a non-empty path")
         self.model.validate("model")
         if self.reference_model is not None:
             self.reference_model.validate("reference_model")
