@@ -19,6 +19,7 @@ The rewards below are deterministic functions of the text, used as ``tests/tiny_
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,18 +87,22 @@ def nan_reward(prompts: list[str], completions: list[list[str]]) -> list[list[fl
 
 
 # switched on by tests through the module (import it as ``tiny_assets``, reward ``tiny_assets:...``)
-FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False}
+FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False, "signal": None}
 
 
 def faulty_reward(prompts: list[str], completions: list[list[str]]) -> list[list[float]]:
     """``vowel_reward`` with faults: after ``FAULTS["interrupt_after"]`` more calls the next one
-    raises KeyboardInterrupt (once); ``FAULTS["nan"]`` makes the first reward NaN."""
+    raises KeyboardInterrupt (once), or sends signal ``FAULTS["signal"]`` to this process if set;
+    ``FAULTS["nan"]`` makes the first reward NaN."""
     left = FAULTS["interrupt_after"]
     if isinstance(left, int) and not isinstance(left, bool):
         FAULTS["interrupt_after"] = left - 1
         if left <= 0:
             FAULTS["interrupt_after"] = None
-            raise KeyboardInterrupt
+            sig = FAULTS["signal"]
+            if sig is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), int(sig))
     out = vowel_reward(prompts, completions)
     if FAULTS["nan"]:
         out[0][0] = float("nan")
