@@ -56,3 +56,21 @@ def leftovers(out: Path) -> list[str]:
     """Temp files and directories of interrupted writes anywhere in the run."""
     found = [*out.rglob(".*.tmp"), *out.rglob(".checkpoint.tmp-*"), *out.rglob("*.jsonl.tmp")]
     return sorted(str(p.relative_to(out)) for p in found)
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """The CLI's error line (the last stderr line; progress bars may come first), after checking
+    there is one error line, no traceback, and every needle in it."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("infalign run: error:"), err[-5:]
+    assert sum("error" in line.lower() for line in err) == 1, err[-5:]
+    assert not any("Traceback" in line for line in err), err[-20:]
+    for needle in needles:
+        assert needle in err[-1], (needle, err[-1])
+    return err[-1]
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to ``keep`` of its bytes, as a crash or a full disk mid-write would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
