@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tiny_assets
-from faultkit import ROOT, run_cli, snapshot
+from faultkit import ROOT, TRAIN, run_cli, snapshot
 from tiny_assets import write_tiny_assets
 
 from infalign.run.config import dump_config, load_config
@@ -54,3 +54,14 @@ def baseline(recipe, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("baseline") / "run"
     assert run_cli(recipe, out) == 0
     return out, snapshot(out)
+
+
+@pytest.fixture(scope="session")
+def interrupted_in_training(recipe, tmp_path_factory):
+    """A run interrupted in training step 2: checkpoint at step 2, two metrics records."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    tiny_assets.FAULTS["interrupt_after"] = 9
+    assert run_cli(recipe, out) == 130
+    tiny_assets.FAULTS["interrupt_after"] = None
+    assert len((out / TRAIN / "metrics.jsonl").read_text().splitlines()) == 2
+    return out

@@ -47,17 +47,6 @@ def test_truncated_checkpoint_of_a_finished_run_is_a_named_error(
     one_line_error(capsys, "checkpoint", "cannot be loaded", "delete", str(out / TRAIN))
 
 
-@pytest.fixture(scope="session")
-def interrupted_in_training(recipe, tmp_path_factory):
-    """A run interrupted in training step 2: checkpoint at step 2, two metrics records."""
-    out = tmp_path_factory.mktemp("interrupted") / "run"
-    tiny_assets.FAULTS["interrupt_after"] = 9
-    assert run_cli(recipe, out) == 130
-    tiny_assets.FAULTS["interrupt_after"] = None
-    assert len((out / TRAIN / "metrics.jsonl").read_text().splitlines()) == 2
-    return out
-
-
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt"])
 def test_truncated_checkpoint_of_an_unfinished_run_is_a_named_error_then_restarts(
     name, interrupted_in_training, recipe, baseline, tmp_path, capsys
