@@ -21,7 +21,7 @@ from test_convergence import exact_kl
 from infalign import theory
 from infalign.rl.advantages import kl_penalized_reward, rloo_advantages
 from infalign.rl.losses import policy_gradient_loss
-from infalign.rl.trainer import make_optimizer
+from infalign.rl.optim import make_optimizer
 from infalign.run.config import RLConfig
 
 

@@ -132,11 +132,11 @@ def peak_rss_mib() -> float:
 def run_infalign(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str, Any]:
     from infalign.lm.models import load_model, load_tokenizer
     from infalign.lm.rewards import load_reward
-    from infalign.rl.trainer import CTRLTrainer
+    from infalign.rl.algorithms.rloo import RLOOTrainer
 
     policy = load_model(cfg.model, trainable=True)
     reference = load_model(cfg.model)
-    trainer = CTRLTrainer(
+    trainer = RLOOTrainer(
         policy,
         reference,
         load_tokenizer(cfg.model),
@@ -378,7 +378,7 @@ def main() -> None:
     cfg = run_config(args)
     rl, sp = cfg.rl, cfg.sampling
     print(
-        f"# benchmarks/trainer.py  commit={git_commit('infalign/rl/trainer.py')}  "
+        f"# benchmarks/trainer.py  commit={git_commit('infalign/rl')}  "
         f"torch={torch.__version__}  transformers={transformers.__version__}  trl={trl.__version__}  "
         f"python={platform.python_version()}  threads=1 per trainer"
     )
@@ -458,7 +458,7 @@ def main() -> None:
 
     if args.json:
         payload = {
-            "commit": git_commit("infalign/rl/trainer.py"),
+            "commit": git_commit("infalign/rl"),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -328,14 +328,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from infalign.rl.signals import Terminated, sigterm_raises
+
     try:
-        return int(args.func(args))
+        with sigterm_raises():  # SIGTERM saves work like Ctrl-C does
+            return int(args.func(args))
     except (UsageError, ValueError) as err:
         print(f"infalign {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"infalign {args.command}: interrupted; finished stages are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"infalign {args.command}: {how}; finished stages are kept", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ torch.set_num_threads(1)
 from infalign.core.calibration import EmpiricalCalibration  # noqa: E402
 from infalign.lm.models import generate, load_model, load_tokenizer  # noqa: E402
 from infalign.lm.scoring import token_logprobs  # noqa: E402
-from infalign.rl.regression import RegressionTrainer  # noqa: E402
-from infalign.rl.trainer import CTRLTrainer  # noqa: E402
+from infalign.rl.algorithms.regression import RegressionTrainer  # noqa: E402
+from infalign.rl.algorithms.rloo import RLOOTrainer  # noqa: E402
 from infalign.run.config import ModelConfig, RLConfig, SamplingConfig  # noqa: E402
 from infalign.run.reference import ReferenceSet  # noqa: E402
 
@@ -78,11 +78,11 @@ def main() -> None:
             ],
             logprobs=seq,
         )
-        trainer: CTRLTrainer = RegressionTrainer(
+        trainer: RLOOTrainer | RegressionTrainer = RegressionTrainer(
             policy, reference, tok, refset, cal, "exp:4", rl, sampling, args.out_dir, progress=False
         )
     else:
-        trainer = CTRLTrainer(
+        trainer = RLOOTrainer(
             policy,
             reference,
             tok,

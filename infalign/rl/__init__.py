@@ -1,4 +1,5 @@
-"""CTRL trainer (spec section 6): RLOO advantages with the KL in the reward, losses, the loop."""
+"""CTRL RL (spec section 6): advantages, losses, the trainer base (:mod:`infalign.rl.base`) and one
+module per algorithm (:mod:`infalign.rl.algorithms`: ``rloo``, ``regression``)."""
 
 from infalign.rl.advantages import (
     ctrl_reward,
@@ -9,7 +10,6 @@ from infalign.rl.advantages import (
 from infalign.rl.losses import PGDiagnostics, policy_gradient_loss
 
 __all__ = [
-    "CTRLTrainer",
     "PGDiagnostics",
     "ctrl_reward",
     "kl_penalized_reward",
@@ -17,11 +17,3 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprob",
 ]
-
-
-def __getattr__(name: str):  # the trainer imports transformers-facing code: load it on demand
-    if name == "CTRLTrainer":
-        from infalign.rl.trainer import CTRLTrainer
-
-        return CTRLTrainer
-    raise AttributeError(f"module 'infalign.rl' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Checkpoints of the CTRL trainer (:mod:`infalign.rl.trainer`): the file names, the trainer state
+"""Checkpoints of the CTRL trainer (:mod:`infalign.rl.base`): the file names, the trainer state
 (step, optimizer, scheduler, RNG states, prompt order, configs), the atomic write of a checkpoint
 directory, the checks before a resume, weight loading and the truncation of ``metrics.jsonl`` to the
 resumed step.

@@ -151,9 +151,6 @@ class ReferenceConfig:
             _fail(f"{path}.num_samples", self.num_samples, "calibration needs K >= 2")
 
 
-ALGORITHMS = ("rloo", "regression")
-
-
 @dataclass(frozen=True)
 class RLConfig:
     """CTRL trainer: ``algorithm: rloo`` (spec section 6: on-policy RLOO with the sequence KL inside
@@ -191,8 +188,10 @@ class RLConfig:
     target_kl: float = 0.5
 
     def validate(self, path: str = "rl") -> None:
-        if self.algorithm not in ALGORITHMS:
-            _fail(f"{path}.algorithm", self.algorithm, f"expected one of {', '.join(ALGORITHMS)}")
+        from infalign.rl.algorithms import names as algorithms
+
+        if self.algorithm not in algorithms():
+            _fail(f"{path}.algorithm", self.algorithm, f"expected one of {', '.join(algorithms())}")
         if not self.beta > 0:
             _fail(f"{path}.beta", self.beta, "must be > 0")
         if not 0 < self.target_kl <= 12:

@@ -255,10 +255,10 @@ def _transfer(
     reference pool (P_test x K' samples of pi_ref with stored tokens and log pi_ref), the policy's
     sequence log-ratio against the target ``(R - beta log Z_p) / beta`` (spec 6b; R = Phi(C_hat) with
     C_hat the pool's own mid-ranks, or the raw reward): slope, correlation, RMSE
-    (:func:`infalign.rl.regression.fit_diagnostics`)."""
+    (:func:`infalign.rl.algorithms.regression.fit_diagnostics`)."""
     from infalign.core.transforms import transform_from_dict
     from infalign.rl.advantages import ctrl_reward
-    from infalign.rl.regression import fit_diagnostics, regression_target
+    from infalign.rl.algorithms.regression import fit_diagnostics, regression_target
 
     cfg = env.cfg
     spec = tinfo.get("transform")

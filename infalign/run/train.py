@@ -49,7 +49,7 @@ def resolve_transform(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[s
 def _trainer(env: RunEnv, rl: RLConfig, ref: ReferenceSet, tf: Any, d: Path, resume: bool) -> Any:
     """The trainer of ``rl.algorithm`` on a fresh load of ``model`` (LoRA if ``model.lora_r``)."""
     from infalign.lm.models import load_model
-    from infalign.rl.trainer import CTRLTrainer
+    from infalign.rl.algorithms import trainer_class
 
     cfg = env.cfg
     calibration = ref.calibration(smoothed=cfg.reference.smoothed)
@@ -57,17 +57,9 @@ def _trainer(env: RunEnv, rl: RLConfig, ref: ReferenceSet, tf: Any, d: Path, res
     policy = load_model(cfg.model, trainable=True)
     shared_base = cfg.model.lora_r > 0 and cfg.reference_model is None
     reference = None if shared_base else env.reference_model()
-    if rl.algorithm == "regression":
-        from infalign.rl.regression import RegressionTrainer
-
-        reward = env.reward() if rl.onpolicy_samples > 0 else None
-        return RegressionTrainer(
-            policy, reference, env.tokenizer(), ref, calibration, tf, rl, cfg.sampling, d,
-            resume=resume, reward_fn=reward,
-        )  # fmt: skip
-    return CTRLTrainer(
-        policy, reference, env.tokenizer(), env.prompts("train"), env.reward(), calibration, tf,
-        rl, cfg.sampling, d, resume=resume,
+    return trainer_class(rl.algorithm).from_reference(
+        policy, reference, env.tokenizer(), ref, env.reward, calibration, tf, rl, cfg.sampling, d,
+        resume=resume,
     )  # fmt: skip
 
 

@@ -20,9 +20,9 @@ from infalign import theory
 from infalign.core.procedures import parse_procedure
 from infalign.core.transforms import parse_transform
 from infalign.rl.advantages import kl_penalized_reward, rloo_advantages
+from infalign.rl.algorithms.regression import log_partition, regression_loss, regression_target
 from infalign.rl.losses import policy_gradient_loss
-from infalign.rl.regression import log_partition, regression_loss, regression_target
-from infalign.rl.trainer import make_optimizer
+from infalign.rl.optim import make_optimizer
 from infalign.run.config import RLConfig
 
 CASES = [("identity", "bon:4"), ("exp:auto", "bon:4"), ("negexp:auto", "won:4")]

@@ -10,7 +10,7 @@ from reward_fns import frac_e
 
 from infalign.lm.scoring import token_logprobs
 from infalign.rl.advantages import ctrl_reward
-from infalign.rl.regression import (
+from infalign.rl.algorithms.regression import (
     RegressionTrainer,
     fit_diagnostics,
     fresh_log_partition,

@@ -23,7 +23,8 @@ from infalign.rl import (
     rloo_advantages,
     sequence_logprob,
 )
-from infalign.rl.trainer import CTRLTrainer
+from infalign.rl.algorithms.rloo import RLOOTrainer
+from infalign.rl.signals import Terminated, defer_interrupts, sigterm_raises
 from infalign.run.config import ModelConfig, RLConfig, SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def make_trainer(tiny_lm, calibration, out_dir, transform="identity", reward_fn=
     )
     rl_args.update(rl_kw)
     resume = rl_args.pop("resume", False)
-    return CTRLTrainer(
+    return RLOOTrainer(
         copy.deepcopy(model),
         copy.deepcopy(model),
         tok,
@@ -192,8 +193,17 @@ def test_step0_kl_is_zero_and_training_raises_reward(tiny_lm, calibration, tmp_p
         torch.testing.assert_close(v, after[k], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("failure", ["interrupt", "crash"])
-def test_resume_equals_uninterrupted(tiny_lm, calibration, tmp_path, failure):
+@pytest.fixture
+def sigterm_default():
+    """SIGTERM at its default disposition for the test, whatever the process inherited."""
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, inherited)
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "terminate", "crash"])
+def test_resume_equals_uninterrupted(tiny_lm, calibration, tmp_path, failure, sigterm_default):
+    stops = {"interrupt": KeyboardInterrupt, "terminate": Terminated, "crash": RuntimeError}
     full = make_trainer(
         tiny_lm, calibration, tmp_path / "full", steps=5, save_every=2, warmup_steps=3
     )
@@ -205,19 +215,20 @@ def test_resume_equals_uninterrupted(tiny_lm, calibration, tmp_path, failure):
     def flaky(prompts, completions):
         calls["n"] += 1
         if calls["n"] == 4:  # during the 4th step (3 steps done, last checkpoint at step 2)
-            raise (
-                KeyboardInterrupt if failure == "interrupt" else RuntimeError("reward backend died")
-            )
+            if failure == "terminate":
+                os.kill(os.getpid(), signal.SIGTERM)  # what `kill` and schedulers send
+            raise KeyboardInterrupt if failure == "interrupt" else RuntimeError("backend died")
         return frac_e(prompts, completions)
 
     out = tmp_path / "resumed"
     first = make_trainer(
         tiny_lm, calibration, out, steps=5, save_every=2, warmup_steps=3, reward_fn=flaky
     )
-    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else RuntimeError):
+    with pytest.raises(stops[failure]):
         first.train()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after training
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == (3 if failure == "interrupt" else 2)
+    assert state["step"] == (2 if failure == "crash" else 3)
     torch.rand(100)  # move the global RNG: resuming must restore it
     second = make_trainer(
         tiny_lm, calibration, out, steps=5, save_every=2, warmup_steps=3, resume=True
@@ -271,7 +282,7 @@ def test_raw_reward_and_lora(tiny_lm, calibration, tmp_path):
         copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
     )
     rl = RLConfig(steps=2, prompts_per_step=4, samples_per_prompt=4, lr=1e-2, beta=0.05)
-    tr = CTRLTrainer(
+    tr = RLOOTrainer(
         policy, None, tok, PROMPTS, frac_e, calibration, "identity", rl, SAMPLING, tmp_path / "lora",
         progress=False,
     )  # fmt: skip
@@ -288,7 +299,7 @@ def test_raw_reward_and_lora(tiny_lm, calibration, tmp_path):
     fresh = get_peft_model(
         copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
     )
-    again = CTRLTrainer(
+    again = RLOOTrainer(
         fresh, None, tok, PROMPTS, frac_e, calibration, "identity", rl, SAMPLING, tmp_path / "lora",
         resume=True, progress=False,
     )  # fmt: skip
@@ -303,7 +314,7 @@ def test_input_validation(tiny_lm, calibration, tmp_path):
     rl = RLConfig(prompts_per_step=2, samples_per_prompt=4)
 
     def build(prompts=PROMPTS, cal=calibration, rl=rl, transform="identity", ref=model):
-        return CTRLTrainer(model, ref, tok, prompts, frac_e, cal, transform, rl, SAMPLING, tmp_path)
+        return RLOOTrainer(model, ref, tok, prompts, frac_e, cal, transform, rl, SAMPLING, tmp_path)
 
     with pytest.raises(ValueError, match="prompts"):
         build(prompts=[])
@@ -322,18 +333,23 @@ def test_input_validation(tiny_lm, calibration, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_sigint_is_deferred_to_the_end_of_an_update():
-    from infalign.rl.trainer import _defer_sigint
-
-    # Python's own handler, whatever the process inherited (a shell's `&` sets SIGINT to ignored)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signals_are_deferred_to_the_end_of_an_update(sig, sigterm_default):
+    signum = getattr(signal, sig)
+    # the raising handlers, whatever the process inherited (a shell's `&` sets SIGINT to ignored)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         done = []
-        with pytest.raises(KeyboardInterrupt), _defer_sigint():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("update finished")
+        with sigterm_raises():
+            handler = signal.getsignal(signal.SIGTERM)
+            with pytest.raises(Terminated if sig == "SIGTERM" else KeyboardInterrupt):
+                with defer_interrupts():
+                    os.kill(os.getpid(), signum)
+                    done.append("update finished")
+            assert signal.getsignal(signal.SIGTERM) is handler
         assert done == ["update finished"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, inherited)
 
@@ -439,3 +455,15 @@ def test_kl_controller_moves_beta_and_resumes(tiny_lm, calibration, tmp_path):
         assert nxt == pytest.approx(h["rl/beta"] * (1 + e))
     again = make_trainer(tiny_lm, calibration, tmp_path / "c", steps=3, resume=True, **kw)
     assert again.beta == tr.beta
+
+
+def test_algorithms_are_the_modules_of_the_algorithms_package():
+    from infalign.rl.algorithms import names, trainer_class
+    from infalign.rl.algorithms.regression import RegressionTrainer
+    from infalign.rl.base import CTRLTrainer
+
+    assert names() == ("regression", "rloo")
+    assert trainer_class("rloo") is RLOOTrainer and trainer_class("regression") is RegressionTrainer
+    assert all(issubclass(trainer_class(n), CTRLTrainer) for n in names())
+    with pytest.raises(ValueError, match=r"rl\.algorithm='ppo': expected one of regression, rloo"):
+        trainer_class("ppo")
