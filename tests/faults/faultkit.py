@@ -23,12 +23,14 @@ def run_cli(recipe: Path, out: Path, *extra: str) -> int:
     return main(["run", str(recipe), "--no-report", "--out", str(out), *extra])
 
 
-def run_child(recipe: Path, out: Path, spec: dict) -> subprocess.CompletedProcess:
-    """The same in a child process with the fault ``spec`` armed (``child.py``)."""
+def start_child(recipe: Path, out: Path, spec: dict) -> subprocess.Popen:
+    """The same in a child process with the fault ``spec`` armed (``child.py``), started."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     argv = ["run", str(recipe), "--no-report", "--out", str(out)]
     cmd = [sys.executable, str(CHILD), json.dumps(spec), *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def snapshot(out: Path) -> dict:

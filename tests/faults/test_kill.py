@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import tiny_assets
-from faultkit import TRAIN, leftovers, run_child, run_cli, snapshot
+from faultkit import TRAIN, leftovers, run_cli, snapshot, start_child
 
 # (fault armed in the child, its exit status): SIGINT and SIGTERM save and exit 130 / 143
 CASES = {
@@ -18,20 +18,31 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def killed(recipe, tmp_path_factory, request):
+    """Every case's child run, all started at once (and the baseline run alongside): case -> (out,
+    exit status, stderr, the checkpoint temp dirs right after it died)."""
+    root = tmp_path_factory.mktemp("killed")
+    children = {c: start_child(recipe, root / c, spec) for c, (spec, _) in CASES.items()}
+    request.getfixturevalue("baseline")
+    done = {}
+    for case, child in children.items():
+        _, err = child.communicate(timeout=600)
+        out = root / case
+        done[case] = (out, child.returncode, err, sorted((out / TRAIN).glob(".checkpoint.tmp-*")))
+    return done
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_signal_then_resume_gives_identical_results(case, recipe, baseline, tmp_path):
-    spec, status = CASES[case]
-    out = tmp_path / "run"
-    child = run_child(recipe, out, spec)
-    assert "Traceback" not in child.stderr, child.stderr[-2000:]
+def test_signal_then_resume_gives_identical_results(case, killed, recipe, baseline):
+    out, status, stderr, tmp_dirs = killed[case]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert status == CASES[case][1], stderr[-2000:]
     if case == "SIGKILL-in-checkpoint-save":  # killed between the temp dir and its rename
-        assert [p.name for p in (out / TRAIN).glob(".checkpoint.tmp-*")], leftovers(out)
+        assert tmp_dirs
     assert run_cli(recipe, out) == 0
     assert snapshot(out) == baseline[1]
     assert leftovers(out) == []
-    if case.startswith("SIGTERM") and child.returncode == -15:
-        pytest.xfail("SIGTERM does not save and exit 143 yet (the trainer's signal handling)")
-    assert child.returncode == status, child.stderr[-2000:]
 
 
 def test_keyboard_interrupt_in_the_last_stage_then_resume(recipe, baseline, tmp_path):
