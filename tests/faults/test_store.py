@@ -198,3 +198,14 @@ def test_run_level_user_errors(override, needles, recipe, tmp_path, capsys, monk
     assert main(["run", str(recipe), "--no-report", *override]) == 2
     one_line_error(capsys, *needles)
     assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+
+
+def test_one_prompts_hash_across_artifacts(baseline):
+    import torch
+
+    out = baseline[0]
+    ref = json.loads((out / "reference" / "train" / "reference.json").read_text())
+    state = torch.load(out / TRAIN / "checkpoint" / "trainer_state.pt", weights_only=True)
+    manifest = json.loads((out / TRAIN / "manifest.json").read_text())
+    assert ref["prompts_sha256"] == state["prompt_order"]["prompts_sha256"]
+    assert ref["prompts_sha256"] == manifest["config"]["inputs"]["prompts.train"]
