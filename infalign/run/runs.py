@@ -183,7 +183,7 @@ class RunEnv:
             lock.release()
             return "done"
         self.locks.append(lock)
-        return state
+        return "running" if state == "done" else state  # done, but its artifact is gone
 
 
 def preflight(cfg: RunConfig) -> RunEnv:
