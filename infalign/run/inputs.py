@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from infalign.run.config import ModelConfig, RunConfig
-from infalign.run.io import sha256_path
+from infalign.run.io import atomic_write_json, read_json, sha256_path, stat_key_current
 
-__all__ = ["check_paths", "input_hashes", "input_label", "looks_local"]
+__all__ = [
+    "HASH_CACHE",
+    "check_paths",
+    "input_hashes",
+    "input_label",
+    "looks_local",
+    "save_hash_cache",
+]
+
+# file hashes of earlier commands, by path, size, mtime and inode (:func:`sha256_path`)
+HASH_CACHE = ".inputs-cache.json"
 
 
 def _fail(path: str, value: Any, why: str) -> None:
@@ -87,21 +97,36 @@ def input_hashes(env: Any) -> dict[str, str]:
     from infalign.lm.prompts import prompts_sha256
 
     cfg: RunConfig = env.cfg
+    cache = env.hash_cache
+    if not cache and (Path(cfg.out) / HASH_CACHE).is_file():
+        try:
+            found = read_json(Path(cfg.out) / HASH_CACHE)
+        except ValueError:  # a torn cache only costs a re-read
+            found = None
+        if isinstance(found, dict):
+            cache.update({str(k): str(v) for k, v in found.items()})
     out = {f"prompts.{s}": prompts_sha256(env.prompts(s)) for s in ("train", "test")}
     models = {"model": cfg.model, "reference_model": cfg.reference_model}
     for name, m in models.items():
         for key, value in (("", m.name if m else None), (".tokenizer", m.tokenizer if m else None)):
             if value and Path(value).expanduser().exists():
-                out[name + key] = sha256_path(Path(value).expanduser())
+                out[name + key] = sha256_path(Path(value).expanduser(), cache)
     if cfg.reward.kind == "hf":
         local = Path(cfg.reward.name).expanduser()
         if local.exists():
-            out["reward"] = sha256_path(local)
+            out["reward"] = sha256_path(local, cache)
     else:
         src = _reward_source(env.reward())
         if src is not None:
-            out["reward"] = sha256_path(src)
+            out["reward"] = sha256_path(src, cache)
     return out
+
+
+def save_hash_cache(env: Any) -> None:
+    """Write the file hashes of this command (still current) to ``out/.inputs-cache.json``."""
+    keep = {k: v for k, v in env.hash_cache.items() if stat_key_current(k)}
+    if keep:
+        atomic_write_json(Path(env.cfg.out) / HASH_CACHE, keep)
 
 
 def input_label(key: dict[str, Any], name: str) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "read_jsonl",
     "run_manifest",
     "sha256_path",
+    "stat_key_current",
     "to_jsonable",
     "write_manifest",
 ]
@@ -186,21 +187,40 @@ def read_jsonl(path: str | os.PathLike[str], strict: bool = True) -> list[Any]:
     return rows
 
 
-def sha256_path(path: str | os.PathLike[str]) -> str:
+def _stat_key(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def stat_key_current(key: str) -> bool:
+    """Whether a :func:`sha256_path` cache key still describes its file (same size, mtime, inode)."""
+    path = Path(key.split("|", 1)[0])
+    return path.is_file() and _stat_key(path) == key
+
+
+def sha256_path(path: str | os.PathLike[str], cache: dict[str, str] | None = None) -> str:
     """SHA-256 of a file's bytes, or of a directory: of the sorted (relative path, file hash) pairs of
-    every regular file below it (hidden files and directories skipped, e.g. ``.lock``, ``.git``)."""
+    every regular file below it (hidden files and directories skipped, e.g. ``.lock``, ``.git``).
+
+    ``cache``: ``{path|size|mtime_ns|inode: sha256}`` of files hashed before, read and extended, so
+    an unchanged multi-GB model is not read again (a file rewritten in place changes its mtime)."""
     p = Path(path)
     if p.is_file():
+        key = _stat_key(p) if cache is not None else ""
+        if cache is not None and key in cache:
+            return cache[key]
         h = hashlib.sha256()
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+        if cache is not None:
+            cache[key] = h.hexdigest()
         return h.hexdigest()
     h = hashlib.sha256()
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p)
         if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            h.update(f"{rel.as_posix()}\0{sha256_path(f)}\n".encode())
+            h.update(f"{rel.as_posix()}\0{sha256_path(f, cache)}\n".encode())
     return h.hexdigest()
 
 

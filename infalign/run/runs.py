@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from infalign.run.config import MethodConfig, RunConfig, dump_config, to_dict
-from infalign.run.inputs import check_paths, input_hashes, input_label
+from infalign.run.inputs import check_paths, input_hashes, input_label, save_hash_cache
 from infalign.run.io import atomic_write_text, read_json, write_manifest
 from infalign.run.keys import config_diff, eval_key, plain, reference_key, train_key
 from infalign.run.lock import LOCK_FILE, StageLock, lock_stage
@@ -124,6 +124,7 @@ class RunEnv:
         self._ref_model: Any = None
         self._prompts: dict[str, list[str]] = {}
         self._inputs: dict[str, str] | None = None
+        self.hash_cache: dict[str, str] = {}  # file hashes (infalign.run.inputs.HASH_CACHE)
         self.refs: dict[str, Any] = {}  # split -> ReferenceSet
         self.created: list[Path] = []
         self.locks: list[StageLock] = []
@@ -306,4 +307,5 @@ def write_run_files(env: RunEnv, command: str) -> None:
     out = Path(env.cfg.out)
     env.mkdir(out)
     atomic_write_text(out / "config.yaml", dump_config(env.cfg))
+    save_hash_cache(env)
     write_manifest(out, to_dict(env.cfg), env.cfg.seed, command=command)

@@ -108,3 +108,17 @@ def test_truncate_metrics_drops_a_torn_last_line_and_later_steps(tmp_path):
     path.write_text('{"rl/step": 0}\n{"rl/st\n{"rl/step": 2}\n')  # torn in the middle
     with pytest.raises(ValueError, match=r"metrics\.jsonl' line 2 is not valid JSON"):
         truncate_metrics(path, 3)
+
+
+def test_the_hash_cache_is_keyed_by_path_size_mtime_and_inode(tmp_path):
+    from infalign.run.io import sha256_path
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"weights")
+    cache: dict[str, str] = {}
+    real = sha256_path(f, cache)
+    assert real == sha256_path(f) and len(cache) == 1
+    (key,) = cache
+    assert sha256_path(f, {key: "from-the-cache"}) == "from-the-cache"  # not read again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))  # rewritten in place
+    assert sha256_path(f, {key: "from-the-cache"}) == real
