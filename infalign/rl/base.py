@@ -281,6 +281,7 @@ class CTRLTrainer:
         path = self.out_dir / METRICS_FILE
         with disk_errors(path), open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log(metrics, step=int(metrics["rl/step"]))  # recipe key `tracking`
 
     # --- checkpoints (files and state: infalign.rl.checkpoint) -------------------------------------
 

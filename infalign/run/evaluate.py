@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from infalign.run import tracking
 from infalign.run.config import MethodConfig, RunConfig, to_dict
 from infalign.run.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from infalign.run.keys import eval_key, train_key
@@ -32,7 +33,7 @@ from infalign.run.runs import (
     train_dir,
 )
 
-__all__ = ["evaluate_stage", "require_trained"]
+__all__ = ["evaluate_stage", "load_policy", "require_trained"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ def _load_checkpoint(cfg: RunConfig, ckpt: Path) -> Any:
     return load_model(m, trainable=False)
 
 
-def _load_policy(cfg: RunConfig, ckpt: Path) -> Any:
-    """:func:`_load_checkpoint`, a corrupt or truncated checkpoint as a one-line ValueError."""
+def load_policy(cfg: RunConfig, ckpt: Path) -> Any:
+    """The trained policy in ``ckpt`` (:func:`_load_checkpoint`); a corrupt or truncated checkpoint
+    is a one-line ValueError naming it and the remedy."""
     try:
         return _load_checkpoint(cfg, ckpt)
     except (OSError, ValueError, RuntimeError, EOFError) as err:
@@ -153,7 +155,7 @@ def evaluate_stage(env: RunEnv, method: MethodConfig | None, beta: float | None)
     ref_model = env.reference_model()
     policy = ref_model
     if method is not None:
-        policy = _load_policy(cfg, train_dir(cfg, method.name, beta or 0.0) / CHECKPOINT_DIR)
+        policy = load_policy(cfg, train_dir(cfg, method.name, beta or 0.0) / CHECKPOINT_DIR)
     n = cfg.evaluate.samples_per_prompt
     gen = generate(policy, env.tokenizer(), prompts, n, cfg.sampling, seed)
     rewards = score(env.reward(), prompts, gen.texts)
@@ -170,6 +172,7 @@ def evaluate_stage(env: RunEnv, method: MethodConfig | None, beta: float | None)
     atomic_write_text(d / "samples.jsonl", samples)
     atomic_write_json(d / "eval.json", result)
     mark_stage(d, key, seed, what, "done")
+    tracking.log_eval(cfg, method, beta, result)
     return result
 
 

@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from infalign.run.config import MethodConfig, RunConfig, dump_config, to_dict
+from infalign.run.config import MethodConfig, RunConfig, to_dict
 from infalign.run.inputs import check_paths, input_hashes, input_label, save_hash_cache
 from infalign.run.io import atomic_write_text, read_json, write_manifest
 from infalign.run.keys import config_diff, eval_key, plain, reference_key, train_key
 from infalign.run.lock import LOCK_FILE, StageLock, lock_stage
+from infalign.run.recipe import dump_config
 
 __all__ = [
     "MANIFEST",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from infalign.run import tracking
 from infalign.run.config import MethodConfig, RLConfig, RunConfig
 from infalign.run.io import atomic_write_json, read_jsonl
 from infalign.run.keys import train_key
@@ -91,7 +92,8 @@ def train_stage(env: RunEnv, method: MethodConfig, beta: float) -> Path:
     atomic_write_json(d / "transform.json", tinfo)
     mark_stage(d, key, rl.seed, what, "running")
     trainer = _trainer(env, rl, ref, tf, d, resume)
-    trainer.train()
+    with tracking.session(trainer.accelerator, cfg, method, beta, trainer.step):
+        trainer.train()
     del trainer
     gc.collect()
     rows = read_jsonl(d / METRICS_FILE) if (d / METRICS_FILE).is_file() else []

@@ -16,7 +16,7 @@ import tiny_assets
 from faultkit import ROOT, TRAIN, run_cli, snapshot
 from tiny_assets import write_tiny_assets
 
-from infalign.run.config import dump_config, load_config
+from infalign.run.recipe import dump_config, load_config
 
 
 @pytest.fixture(autouse=True)

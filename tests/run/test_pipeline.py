@@ -14,8 +14,9 @@ from tiny_assets import write_tiny_assets
 
 from infalign import theory
 from infalign.run import pipeline
-from infalign.run.config import MethodConfig, load_config
+from infalign.run.config import MethodConfig
 from infalign.run.keys import config_diff, train_key
+from infalign.run.recipe import load_config
 from infalign.run.runs import RunEnv, beta_name
 from infalign.run.train import resolve_transform
 
@@ -208,7 +209,7 @@ def test_preflight_checks_before_loading(assets, tmp_path):
 
 def test_task_fills_reward_prompts_and_procedure(tmp_path):
     from infalign.lm.tasks import TASKS
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "harmless.yaml")
     task = TASKS["harmless"]

@@ -14,10 +14,10 @@ import pytest
 from tiny_assets import write_tiny_assets
 
 from infalign.rl.checkpoint import truncate_metrics
-from infalign.run.config import load_config
 from infalign.run.io import disk_errors
 from infalign.run.keys import config_diff
 from infalign.run.lock import StageLock, lock_stage
+from infalign.run.recipe import load_config
 from infalign.run.runs import RunEnv
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
