@@ -1,4 +1,5 @@
-"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run``.
+"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run``, ``config``,
+``export``, ``serve-reward``, ``export-reward``.
 
 The only module that prints. Bad arguments give a one-line error on stderr and exit status 2.
 """
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema.register(sub, _load_recipe)  # config show | schema
     export.register(sub, _load_recipe, _method_name)
+
+    from infalign.integrations.commands import add_commands  # serve-reward, export-reward
+
+    add_commands(sub, _load_recipe, lambda msg: print(msg, flush=True), epilog)
     return parser
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 TRAIN_PROMPTS = [
     "The quick brown fox",
@@ -84,6 +85,21 @@ def nan_reward(prompts: list[str], completions: list[list[str]]) -> list[list[fl
     out = vowel_reward(prompts, completions)
     out[0][0] = float("nan")
     return out
+
+
+GATE = "[[gate]]"
+
+
+def gated_vowel_reward(prompts: list[str], completions: list[list[str]]) -> Any:
+    """``vowel_reward`` as a float64 array (not float32-exact, unlike the artifact's rewards); a call
+    with a completion containing ``GATE`` first reads one line from the FIFO named by
+    ``$INFALIGN_TEST_GATE`` (a test holds a request in flight until it writes there)."""
+    import numpy as np
+
+    if any(GATE in c for group in completions for c in group):
+        with open(os.environ["INFALIGN_TEST_GATE"], encoding="utf-8") as fifo:
+            fifo.readline()
+    return np.asarray(vowel_reward(prompts, completions), dtype=np.float64)
 
 
 # switched on by tests through the module (import it as ``tiny_assets``, reward ``tiny_assets:...``)
