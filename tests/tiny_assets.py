@@ -121,18 +121,22 @@ def gated_vowel_reward(prompts: list[str], completions: list[list[str]]) -> Any:
 
 
 # switched on by tests through the module (import it as ``tiny_assets``, reward ``tiny_assets:...``)
-FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False}
+FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False, "signal": None}
 
 
 def faulty_reward(prompts: list[str], completions: list[list[str]]) -> list[list[float]]:
     """``vowel_reward`` with faults: after ``FAULTS["interrupt_after"]`` more calls the next one
-    raises KeyboardInterrupt (once); ``FAULTS["nan"]`` makes the first reward NaN."""
+    raises KeyboardInterrupt (once), or sends signal ``FAULTS["signal"]`` to this process if set;
+    ``FAULTS["nan"]`` makes the first reward NaN."""
     left = FAULTS["interrupt_after"]
     if isinstance(left, int) and not isinstance(left, bool):
         FAULTS["interrupt_after"] = left - 1
         if left <= 0:
             FAULTS["interrupt_after"] = None
-            raise KeyboardInterrupt
+            sig = FAULTS["signal"]
+            if sig is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), int(sig))
     out = vowel_reward(prompts, completions)
     if FAULTS["nan"]:
         out[0][0] = float("nan")

@@ -119,14 +119,15 @@ def spec_from_recipe(
     """
     from infalign.lm.models import load_tokenizer
     from infalign.run.config import to_dict
-    from infalign.run.pipeline import _resolve, get_method, reference_dir
+    from infalign.run.keys import reference_key
     from infalign.run.reference import ReferenceSet
-    from infalign.run.runs import _reference_cfg, _stage_state
+    from infalign.run.runs import RunEnv, get_method, reference_dir, stage_state
+    from infalign.run.train import resolve_transform
 
     name = _default_method(cfg) if method is None else method
-    tf, _ = _resolve(cfg, get_method(cfg, name))
+    tf, _ = resolve_transform(cfg, get_method(cfg, name))
     d = reference_dir(cfg, "train")
-    if _stage_state(d, _reference_cfg(cfg, "train"), "reference/train") != "done":
+    if stage_state(d, reference_key(RunEnv(cfg), "train"), "reference/train") != "done":
         raise ValueError(
             f"no finished reference artifact in {str(d)!r}; build it with `infalign reference "
             "RECIPE --split train` (same overrides)"

@@ -14,20 +14,29 @@ Format ``hh``: the text up to and including the final ``Assistant:`` of an Anthr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from infalign.run.config import PromptSetConfig
 
-__all__ = ["check_prompt_list", "hh_prompt", "hh_to_messages", "load_prompts"]
+__all__ = ["check_prompt_list", "hh_prompt", "hh_to_messages", "load_prompts", "prompts_sha256"]
 
 log = logging.getLogger(__name__)
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _DATASETS_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """SHA-256 of a prompt list (order included): of its JSON text, ``json.dumps(list(prompts),
+    ensure_ascii=False)`` in utf-8. The one key of a prompt set in artifacts, checkpoints and stage
+    manifests."""
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def hh_prompt(text: str, index: int = 0) -> str:

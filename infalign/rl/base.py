@@ -37,6 +37,7 @@ from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.optim import make_accelerator, make_optimizer
 from infalign.rl.signals import Terminated, defer_interrupts, sigterm_raises
 from infalign.run.config import RLConfig, SamplingConfig
+from infalign.run.io import disk_errors
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -278,7 +279,8 @@ class CTRLTrainer:
         if not self.accelerator.is_main_process:
             return
         log.info("rl step %d: %s", metrics["rl/step"], json.dumps(metrics))
-        with open(self.out_dir / METRICS_FILE, "a") as f:
+        path = self.out_dir / METRICS_FILE
+        with disk_errors(path), open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log(metrics, step=int(metrics["rl/step"]))  # recipe key `tracking`
 
@@ -330,7 +332,7 @@ class CTRLTrainer:
         if ckpt is None:
             log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
             return False
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = ckpt_io.load_state(ckpt)
         ckpt_io.check_resumable(state, ckpt, self.rl, self.prompts)
         ckpt_io.load_weights(self.accelerator.unwrap_model(self.model), ckpt, self.is_peft)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -189,8 +189,10 @@ class RLConfig:
             _fail(f"{path}.beta", self.beta, "must be > 0")
         if not 0 < self.target_kl <= 12:
             _fail(f"{path}.target_kl", self.target_kl, "must be in (0, 12] nats")
-        if self.steps < 0:
-            _fail(f"{path}.steps", self.steps, "must be >= 0")
+        if self.steps < 1:
+            _fail(
+                f"{path}.steps", self.steps, "must be >= 1 (a policy trained for 0 steps is pi_ref)"
+            )
         if self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1):
             _fail(f"{path}.samples_per_prompt", self.samples_per_prompt, "RLOO needs M >= 2")
         for name in ("prompts_per_step", "ppo_epochs", "grad_accum", "save_every"):
@@ -300,6 +302,8 @@ class RunConfig:
         from infalign.core.procedures import parse_procedure
         from infalign.run.tracking import check_trackers
 
+        if not str(self.out).strip():
+            _fail("out", self.out, "the run directory must be a non-empty path")
         check_trackers(self.tracking, "tracking")
         self.model.validate("model")
         if self.reference_model is not None:

@@ -35,8 +35,9 @@ class CTRLRun:
 
 @pytest.fixture(scope="session")
 def ctrl_run(tmp_path_factory) -> CTRLRun:
-    from infalign.run.pipeline import _resolve, get_method, run_references
+    from infalign.run.pipeline import get_method, run_references
     from infalign.run.recipe import load_config
+    from infalign.run.train import resolve_transform
 
     d = tmp_path_factory.mktemp("ctrl_run")
     assets = write_tiny_assets(d / "assets")
@@ -49,7 +50,7 @@ def ctrl_run(tmp_path_factory) -> CTRLRun:
     }
     cfg = load_config(RECIPE, over)
     ref = run_references(cfg, ["train"])["train"]
-    tf, _ = _resolve(cfg, get_method(cfg, "ctrl-exp"))
+    tf, _ = resolve_transform(cfg, get_method(cfg, "ctrl-exp"))
     return CTRLRun(
         argv=[tok for k, v in over.items() for tok in (f"--{k}", v)],
         prompts=ref.prompts,
