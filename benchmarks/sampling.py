@@ -39,7 +39,7 @@ def main() -> None:
     from infalign.lm.models import load_model, load_tokenizer
     from infalign.lm.prompts import load_prompts
     from infalign.lm.sampling import sample
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)

@@ -15,7 +15,8 @@ from scipy import stats
 from infalign.lm import sampling_native
 from infalign.lm.sampling import make_sampler, sample
 from infalign.lm.scoring import token_logprobs
-from infalign.run.config import SamplingConfig, from_dict
+from infalign.run.config import SamplingConfig
+from infalign.run.recipe import from_dict
 
 PROMPTS = ["The cat", "Human: What is two plus two? Assistant:", "x"]
 BACKENDS = ["hf", "native"]
