@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs["parents"] = [verbose, *kwargs.get("parents", ())]
         return add_parser(name, **kwargs)
 
-    sub.add_parser = add_verb  # type: ignore[method-assign]
+    sub.add_parser = add_verb  # type: ignore[method-assign,assignment]
     _theory_verbs(sub)
     _pipeline_verbs(sub)
     from infalign.run import export, schema

@@ -139,7 +139,7 @@ def add_commands(
 ) -> None:
     """Register ``serve-reward`` and ``export-reward`` on the ``infalign`` subparsers ``sub``."""
 
-    bound = {"load_recipe": load_recipe, "echo": echo}
+    bound: dict[str, Any] = {"load_recipe": load_recipe, "echo": echo}
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("recipe", help="recipe YAML (its train reference artifact must exist)")
     common.add_argument(

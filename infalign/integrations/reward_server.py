@@ -249,7 +249,7 @@ def create_app(
 def _server_class() -> Any:
     import uvicorn
 
-    class _Server(uvicorn.Server):  # type: ignore[misc]
+    class _Server(uvicorn.Server):
         """uvicorn's server, but a graceful stop on SIGTERM / SIGINT returns instead of re-raising
         the signal afterwards (uvicorn re-raises it, so the exit status would depend on the
         signal disposition the process inherited)."""

@@ -136,6 +136,7 @@ def ctrl_reward(
     _check_2d(rewards, "rewards")
     if is_raw(transform):
         return rewards if rewards.is_floating_point() else rewards.to(torch.float64)
+    assert transform is not None  # is_raw(None)
     phi = parse_transform(transform)
     if calibration is None:
         raise ValueError(f"transform {str(phi)!r} needs a fitted calibration, got None")

@@ -378,7 +378,7 @@ def _check_inputs(
 
 
 def _parse(transform: Transform | str | None) -> Transform | None:
-    if is_raw(transform):
+    if transform is None or is_raw(transform):
         return None
     try:
         return parse_transform(transform)

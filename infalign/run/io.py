@@ -210,8 +210,8 @@ def sha256_path(path: str | os.PathLike[str], cache: dict[str, str] | None = Non
         if cache is not None and key in cache:
             return cache[key]
         h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
         if cache is not None:
             cache[key] = h.hexdigest()

@@ -250,7 +250,7 @@ def write_report(run_dir: str | Path) -> Path:
     d: Path = run["dir"]
     procs, head = _procedures(run)
     grid = _theory_kls(run)
-    curves = {p: _optimum(p, grid) for p in {head, "sample"} if p in procs or p == head}
+    curves = {p: _optimum(p, grid.tolist()) for p in {head, "sample"} if p in procs or p == head}
     missing_bound = [  # rows without a recorded bound: compute it (theory, labelled as such)
         r["kl"]["mean"]
         for r in run["rows"]

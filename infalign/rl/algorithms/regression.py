@@ -351,7 +351,7 @@ class RegressionTrainer(CTRLTrainer):
             }
             if on_reward is not None:
                 local["onpolicy_reward"] = (float(on_reward.sum()), float(on_reward.numel()))
-            metrics = {"rl/step": self.step - 1}
+            metrics: dict[str, float] = {"rl/step": self.step - 1}
             metrics |= {f"rl/{k}": v for k, v in self._reduce_means(local).items()}
             metrics |= {f"rl/fit_{k}": fit[k] for k in ("slope", "corr", "rmse")}
             metrics |= {
