@@ -95,7 +95,8 @@ class _GPT2:
         ]
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-        self.head = model.lm_head.weight
+        # (E, V) contiguous: x @ head_t is faster than x @ weight.T for a few rows (a 4 MB copy)
+        self.head_t = model.lm_head.weight.detach().T.contiguous()
         self.H = int(cfg.n_head)
         self.scale_attn = bool(cfg.scale_attn_weights)
         self.cache: torch.Tensor | None = None
@@ -131,7 +132,7 @@ class _GPT2:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = torch.layer_norm(h, (h.shape[-1],), *self.ln_f)
-        return (x @ self.head.T).float()
+        return (x @ self.head_t).float()
 
     def prefill(
         self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, width: int
