@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infalign.lm.models import Generation, derive_seed, encode_prompts
+from infalign.lm.prompts import check_prompt_list
 from infalign.run.config import SAMPLING_BACKENDS, SamplingConfig
 
 __all__ = [
@@ -93,7 +94,7 @@ def sample(
 ) -> Generation:
     """Sample M = ``num_samples`` completions for each of the P ``prompts`` with the backend of
     ``sampling.backend`` (see the module docstring). Returns a Generation of B = P * M rows."""
-    check_request(model, tokenizer, prompts, num_samples, sampling)
+    prompts = check_request(model, tokenizer, prompts, num_samples, sampling)
     return make_sampler(sampling)(
         model, tokenizer, prompts, num_samples, sampling, seed=seed, progress=progress
     )
@@ -116,21 +117,17 @@ def sampler_logprobs(model: Any, gen: Generation, sampling: SamplingConfig) -> t
 
 def check_request(
     model: Any, tokenizer: Any, prompts: list[str], num_samples: int, sampling: SamplingConfig
-) -> None:
-    """ValueError naming the argument for a bad request, before any sampling starts."""
-    if not isinstance(prompts, list) or not prompts:
-        raise ValueError(
-            f"prompts must be a non-empty list of strings, got {type(prompts).__name__}"
-        )
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+) -> list[str]:
+    """The prompts as a list; ValueError naming the argument for a bad request, before any
+    sampling starts."""
+    prompts = check_prompt_list(prompts)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r}: must be an integer >= 1")
     sampling.validate("sampling")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; load it with load_tokenizer")
     eos_token_ids(model, tokenizer)
+    return prompts
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
