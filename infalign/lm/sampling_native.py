@@ -53,7 +53,8 @@ def draw(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits (n, V): z = logits / temperature, p = softmax(warp(z)),
-    y = min{i : F_i > u F_V} with F = cumsum(exp(warp(z) - max z)) in float64 and u ~ U[0, 1) (an
+    y = min{i : F_i > u F_V} with F = cumsum(exp(warp(z) - max z)) in float64 (float32 on mps) and
+    u ~ U[0, 1) (an
     exact inverse-CDF draw from p; a token with p_i = 0 is never drawn). Returns (y (n,) long,
     log softmax(z)[y] (n,) float32: the untruncated tempered log-prob, as the scorer's)."""
     z = logits.float()
@@ -61,15 +62,16 @@ def draw(
         z = z / sampling.temperature
     m = z.amax(-1, keepdim=True)
     zt = warp(z, sampling)
-    cdf = (zt - m).exp_().cumsum(-1, dtype=torch.float64)  # unnormalised
+    f64 = torch.float32 if z.device.type == "mps" else torch.float64  # (mps has no float64)
+    cdf = (zt - m).exp_().cumsum(-1, dtype=f64)  # unnormalised
     total = cdf[:, -1:]
-    u = torch.rand(len(z), 1, generator=generator, dtype=torch.float64, device=z.device)
+    u = torch.rand(len(z), 1, generator=generator, dtype=f64, device=z.device)
     y = torch.searchsorted(cdf, u * total, right=True)
     # u * total rounds to total with probability ~2^-53: then take the last token with p > 0
     y = torch.minimum(y, (cdf < total).sum(-1, keepdim=True))
     if zt is not z:
-        total = (z - m).exp().sum(-1, keepdim=True, dtype=torch.float64)
-    lp = (z.gather(1, y) - m).double() - total.log()  # log softmax(z)[y]
+        total = (z - m).exp().sum(-1, keepdim=True, dtype=f64)
+    lp = (z.gather(1, y) - m).to(f64) - total.log()  # log softmax(z)[y]
     return y.squeeze(1), lp.squeeze(1).float()
 
 
