@@ -54,9 +54,9 @@ def draw(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits (n, V): z = logits / temperature, p = softmax(warp(z)),
     y = min{i : F_i > u F_V} with F = cumsum(exp(warp(z) - max z)) in float64 (float32 on mps) and
-    u ~ U[0, 1) (an
-    exact inverse-CDF draw from p; a token with p_i = 0 is never drawn). Returns (y (n,) long,
-    log softmax(z)[y] (n,) float32: the untruncated tempered log-prob, as the scorer's)."""
+    u ~ U[0, 1) (an exact inverse-CDF draw from p; a token with p_i = 0 is never drawn). Returns
+    (y (n,) long, log softmax(z)[y] (n,) float32: the untruncated tempered log-prob, as the
+    scorer's)."""
     z = logits.float()
     if sampling.temperature != 1.0:
         z = z / sampling.temperature
