@@ -69,15 +69,16 @@ class Sampler(Protocol):
 
 def make_sampler(sampling: SamplingConfig) -> Sampler:
     """The Sampler of ``sampling.backend`` (its module imported now). ValueError naming the key for
-    an unknown backend; ImportError with the install hint for a backend whose extra is missing."""
+    an unknown backend, or for one whose module or extra cannot be imported (with the install
+    hint)."""
     sampling.validate("sampling")
     module, attr = _REGISTRY[sampling.backend]
     try:
         mod = importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(
-            f"sampling.backend={sampling.backend!r} needs {module} and its dependencies: {err} "
-            f"(pip install 'infalign[{sampling.backend}]')"
+        raise ValueError(
+            f"config sampling.backend={sampling.backend!r}: cannot import {module} ({err}); "
+            f"pip install 'infalign[{sampling.backend}]'"
         ) from err
     sampler: Sampler = getattr(mod, attr)
     return sampler

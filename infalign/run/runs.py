@@ -190,10 +190,14 @@ class RunEnv:
 
 def preflight(cfg: RunConfig) -> RunEnv:
     """Every check that needs no model and writes nothing: the config (again), the paths it names,
-    method names, the reward function (imported), both prompt sets (read: empty sets, missing
-    columns, too-long prompts are errors here). Returns the shared resources for the stages."""
+    method names, the reward function (imported), the sampling backend (imported), both prompt
+    sets (read: empty sets, missing columns, too-long prompts are errors here). Returns the shared
+    resources for the stages."""
+    from infalign.lm.sampling import make_sampler
+
     cfg.validate()
     check_paths(cfg)
+    make_sampler(cfg.sampling)
     env = RunEnv(cfg)
     if cfg.reward.kind == "callable":
         env.reward()

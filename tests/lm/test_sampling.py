@@ -289,3 +289,15 @@ def test_backend_key_is_validated_and_dispatched(tiny_lm):
         sample(model, tok, ["a"], 2, SamplingConfig(top_k=-1), seed=0)
     with pytest.raises(ValueError, match=r"sampling\.backend='nope'"):
         sample(model, tok, ["a"], 2, dataclasses.replace(SamplingConfig(), backend="nope"), seed=0)
+
+
+def test_backend_that_cannot_be_imported_is_a_config_error(monkeypatch):
+    """A backend whose module or extra is missing: ValueError naming the key and the install hint
+    (preflight calls make_sampler, so `infalign run` stops before loading anything)."""
+    from infalign.lm import sampling
+
+    monkeypatch.setitem(sampling._REGISTRY, "vllm", ("infalign.lm.no_such_backend", "sample"))
+    with pytest.raises(
+        ValueError, match=r"sampling\.backend='vllm'.*pip install 'infalign\[vllm\]'"
+    ):
+        make_sampler(SamplingConfig(backend="vllm"))
