@@ -86,3 +86,27 @@ def tiny_causal_lm(
     model.generation_config.eos_token_id = hf_tok.eos_token_id
     model.eval()
     return model, hf_tok
+
+
+def tiny_llama_lm(tokenizer: Any, seed: int = 0, hidden: int = 32) -> Any:
+    """A tiny randomly initialised Llama (RoPE, RMSNorm, grouped-query attention, untied head) for
+    ``tokenizer`` (e.g. the one of :func:`tiny_causal_lm`); eval mode, float32 on CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.eval()
+    return model

@@ -27,34 +27,40 @@ from infalign.lm.sampling import check_positions, eos_token_ids, generation_from
 from infalign.lm.scoring import cache_argument, forward_params
 from infalign.run.config import SamplingConfig
 
-__all__ = ["draw", "sample"]
+__all__ = ["draw", "sample", "warp"]
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def warp(z: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Tempered logits z (n, V) truncated by top-k then top-p as transformers' ``TopKLogitsWarper``
+    and ``TopPLogitsWarper`` do: -inf outside the k largest, then outside the smallest set of most
+    likely tokens whose probability under softmax exceeds top_p (the ascending cumulative probability
+    <= 1 - top_p is dropped; the most likely token always stays). z itself when neither applies."""
+    V = z.shape[-1]
+    if 0 < sampling.top_k < V:
+        kth = torch.topk(z, sampling.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        sz, si = torch.sort(z, dim=-1)
+        drop = sz.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop[:, -1] = False
+        z = z.masked_fill(drop.scatter(1, si, drop), -math.inf)
+    return z
 
 
 def draw(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from logits (n, V): z = logits / temperature, top-k then top-p truncation
-    of p = softmax(z) as transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` do (top-p drops the
-    tokens whose ascending cumulative probability is <= 1 - top_p, the most likely one is kept), then
-    inverse-CDF sampling: y = min{i : F_i > u F_V}, F = cumsum(p) in float64, u ~ U[0, 1) (an exact
-    draw from p; a token with p_i = 0 is never drawn). Returns (y (n,) long, log softmax(z)[y] (n,)
-    float32: the untruncated tempered log-prob)."""
+    """One token per row from logits (n, V): z = logits / temperature, p = softmax(warp(z)),
+    y = min{i : F_i > u F_V} with F = cumsum(exp(warp(z) - max z)) in float64 and u ~ U[0, 1) (an
+    exact inverse-CDF draw from p; a token with p_i = 0 is never drawn). Returns (y (n,) long,
+    log softmax(z)[y] (n,) float32: the untruncated tempered log-prob, as the scorer's)."""
     z = logits.float()
     if sampling.temperature != 1.0:
         z = z / sampling.temperature
     m = z.amax(-1, keepdim=True)
-    V = z.shape[-1]
-    zt = z
-    if 0 < sampling.top_k < V:
-        kth = torch.topk(z, sampling.top_k, dim=-1).values[:, -1:]
-        zt = zt.masked_fill(zt < kth, -math.inf)
-    if sampling.top_p < 1.0:
-        sz, si = torch.sort(zt, dim=-1)
-        drop = sz.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
-        drop[:, -1] = False
-        zt = zt.masked_fill(drop.scatter(1, si, drop), -math.inf)
+    zt = warp(z, sampling)
     cdf = (zt - m).exp_().cumsum(-1, dtype=torch.float64)  # unnormalised
     total = cdf[:, -1:]
     u = torch.rand(len(z), 1, generator=generator, dtype=torch.float64, device=z.device)

@@ -93,31 +93,12 @@ class CTRLTrainer:
         accelerator: Any | None = None,
         progress: bool = True,
     ) -> None:
-        # --- validation, before any expensive work --------------------------------------------
-        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
-        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
         rl.validate("rl")
         sampling.validate("sampling")
-        if not callable(reward_fn):
-            raise ValueError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
         self.transform = _parse(transform)
-        if calibration is None and self.transform is not None:
-            raise ValueError(f"transform {str(self.transform)!r} needs a calibration, got None")
-        if calibration is not None and calibration.num_prompts != len(prompts):
-            raise ValueError(
-                f"calibration has {calibration.num_prompts} prompts but prompts has {len(prompts)}; "
-                "fit it on the reference rewards of the same (index-aligned) training prompts"
-            )
-        is_peft = hasattr(policy, "peft_config") and hasattr(policy, "disable_adapter")
-        if reference is None and not is_peft:
-            raise ValueError("reference=None is only allowed for a peft (LoRA) policy")
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("policy has no trainable parameters (requires_grad=False everywhere)")
-
+        params, is_peft = _check_inputs(
+            policy, reference, prompts, reward_fn, calibration, self.transform
+        )
         accelerator = make_accelerator(rl, accelerator)
 
         self.accelerator = accelerator
@@ -362,6 +343,38 @@ class CTRLTrainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    policy: Any,
+    reference: Any | None,
+    prompts: Any,
+    reward_fn: Any,
+    calibration: EmpiricalCalibration | None,
+    transform: Transform | None,
+) -> tuple[list[Any], bool]:
+    """Validate a trainer's inputs before any expensive work; returns (trainable params, is_peft)."""
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    if not callable(reward_fn):
+        raise ValueError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
+    if calibration is None and transform is not None:
+        raise ValueError(f"transform {str(transform)!r} needs a calibration, got None")
+    if calibration is not None and calibration.num_prompts != len(prompts):
+        raise ValueError(
+            f"calibration has {calibration.num_prompts} prompts but prompts has {len(prompts)}; "
+            "fit it on the reference rewards of the same (index-aligned) training prompts"
+        )
+    is_peft = hasattr(policy, "peft_config") and hasattr(policy, "disable_adapter")
+    if reference is None and not is_peft:
+        raise ValueError("reference=None is only allowed for a peft (LoRA) policy")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("policy has no trainable parameters (requires_grad=False everywhere)")
+    return params, is_peft
 
 
 def _parse(transform: Transform | str | None) -> Transform | None:

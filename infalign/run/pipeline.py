@@ -255,13 +255,19 @@ def _load_checkpoint(cfg: RunConfig, ckpt: Path) -> Any:
     return load_model(m, trainable=False)
 
 
-def _seq_logprobs(model: Any, gen: Any, cfg: RunConfig) -> torch.Tensor:
-    """(P, M) float64 sequence log-probs sum_t log pi(y_t | ...) (tempered, as in training)."""
+def _seq_logprobs(model: Any, gen: Any, cfg: RunConfig, sampled: bool = False) -> torch.Tensor:
+    """(P, M) float64 sequence log-probs sum_t log pi(y_t | ...) (tempered, as in training).
+    ``sampled``: ``model`` sampled ``gen``, so the sampler's own log-probs serve when it has them."""
     from infalign.lm.scoring import token_logprobs
 
-    lp = token_logprobs(
-        model, gen, temperature=cfg.sampling.temperature, micro_batch_size=cfg.sampling.batch_size
-    )
+    lp = gen.logprobs if sampled else None
+    if lp is None:
+        lp = token_logprobs(
+            model,
+            gen,
+            temperature=cfg.sampling.temperature,
+            micro_batch_size=cfg.sampling.batch_size,
+        )
     assert isinstance(lp, torch.Tensor)
     seq = (lp * gen.completion_mask.to(lp.device)).sum(-1)
     return seq.double().cpu().view(gen.num_prompts, -1)
@@ -341,7 +347,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
     policy = ref_model if method is None else _load_checkpoint(cfg, td / CHECKPOINT_DIR)
     gen = sample(policy, env.tokenizer(), prompts, ev.samples_per_prompt, cfg.sampling, seed)
     rewards = score(env.reward(), prompts, gen.texts)
-    lp = _seq_logprobs(policy, gen, cfg)
+    lp = _seq_logprobs(policy, gen, cfg, sampled=True)
     lr = lp if method is None else _seq_logprobs(ref_model, gen, cfg)
     kl = kl_estimate(lp, lr, confidence=ev.confidence)
 

@@ -277,10 +277,15 @@ def build_reference(
                 model, tokenizer, ps, K, sampling, seed=derive_seed(seed, c), progress=False
             )
             rewards = score(reward_fn, ps, gen.texts)
-            lp = token_logprobs(
-                model, gen, temperature=sampling.temperature, micro_batch_size=sampling.batch_size
-            )
-            assert isinstance(lp, torch.Tensor)
+            lp = gen.logprobs  # the sampler's own log pi_ref when it has them (native)
+            if lp is None:
+                lp = token_logprobs(
+                    model,
+                    gen,
+                    temperature=sampling.temperature,
+                    micro_batch_size=sampling.batch_size,
+                )
+                assert isinstance(lp, torch.Tensor)
             seq_lp = sequence_logprob(lp.double().cpu(), gen.completion_mask).view(len(ps), K)
             comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
             new = [

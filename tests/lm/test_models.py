@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from fixtures import tiny_causal_lm
 from transformers import GenerationConfig
 
 from infalign.lm.models import (
@@ -36,85 +35,6 @@ def test_tiny_lm_tokenizer(tiny_lm):
     assert model.config.vocab_size == len(tok)
     text = "The quick brown fox, naïve café!"
     assert tok.decode(tok(text).input_ids) == text
-
-
-def test_generation_layout(tiny_lm, gen):
-    _, tok = tiny_lm
-    B, LT = gen.input_ids.shape
-    assert B == len(PROMPTS) * 6 and gen.num_prompts == 3 and gen.num_samples == 6
-    L = gen.prompt_length
-    T = LT - L
-    assert gen.completion_mask.shape == (B, T) and T <= 40
-    assert gen.num_tokens.shape == (3, 6) and gen.num_tokens.dtype == torch.long
-    # rows p*M+m share prompt p, left padded
-    enc = tok(PROMPTS[1], add_special_tokens=False).input_ids
-    assert gen.input_ids[6, L - len(enc) : L].tolist() == enc
-    assert gen.attention_mask[6, : L - len(enc)].sum() == 0
-    comp = gen.completion_ids
-    eos = tok.eos_token_id
-    assert gen.finished is not None and gen.finished.any() and not gen.finished.all()
-    for b in range(B):
-        n = int(gen.completion_mask[b].sum())
-        assert gen.completion_mask[b, :n].eq(1).all() and gen.completion_mask[b, n:].eq(0).all()
-        assert gen.attention_mask[b, L:].tolist() == gen.completion_mask[b].long().tolist()
-        first = (comp[b] == eos).nonzero()
-        if len(first):
-            assert gen.finished[b] and n == int(first[0]) + 1
-        else:
-            assert not gen.finished[b] and n == 40
-        assert comp[b, n:].eq(tok.pad_token_id).all()
-        p, m = divmod(b, 6)
-        assert gen.texts[p][m] == tok.decode(comp[b, :n], skip_special_tokens=True)
-
-
-def test_generate_deterministic_and_chunk_seeded(tiny_lm, gen):
-    model, tok = tiny_lm
-    s = SamplingConfig(max_new_tokens=40, batch_size=4)
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    again = sample(model, tok, PROMPTS, 6, s, seed=1, progress=False)
-    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
-    assert torch.equal(again.input_ids, gen.input_ids) and again.texts == gen.texts
-    other = sample(model, tok, PROMPTS, 6, s, seed=2, progress=False)
-    assert other.texts != gen.texts
-
-
-def test_generate_ignores_model_generation_defaults(tiny_lm):
-    """Model-level top_k / repetition_penalty must not leak into sampling from pi."""
-    _, tok = tiny_lm
-    model, _ = tiny_causal_lm(seed=0)
-    s = SamplingConfig(max_new_tokens=12, batch_size=64)
-    clean = sample(model, tok, PROMPTS, 4, s, seed=5, progress=False)
-    model.generation_config.top_k = 2
-    model.generation_config.repetition_penalty = 3.0
-    leaky = sample(model, tok, PROMPTS, 4, s, seed=5, progress=False)
-    assert torch.equal(clean.input_ids, leaky.input_ids)
-    assert model.generation_config.top_k == 2  # restored
-
-
-def test_generate_restores_train_mode(tiny_lm):
-    model, tok = tiny_lm
-    model.train()
-    try:
-        sample(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=3), seed=0, progress=False)
-        assert model.training
-    finally:
-        model.eval()
-
-
-def test_generate_bad_input(tiny_lm):
-    model, tok = tiny_lm
-    s = SamplingConfig(max_new_tokens=3)
-    with pytest.raises(ValueError, match="num_samples"):
-        sample(model, tok, ["a"], 0, s, seed=0)
-    with pytest.raises(ValueError, match="prompts"):
-        sample(model, tok, [], 2, s, seed=0)
-    with pytest.raises(ValueError, match=r"prompts\[1\]"):
-        sample(model, tok, ["a", 3], 2, s, seed=0)  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="temperature"):
-        sample(model, tok, ["a"], 2, SamplingConfig(temperature=0.0), seed=0)
-    with pytest.raises(ValueError, match="positions"):
-        sample(model, tok, ["a"], 2, SamplingConfig(max_new_tokens=500), seed=0)
 
 
 def test_token_logprobs_exact_under_padding(tiny_lm, gen):

@@ -181,6 +181,27 @@ def test_regression_algorithm_through_the_pipeline(assets, tmp_path):
     assert pipeline.run_evaluate(cfg, None)["transfer"] is None  # pi_ref itself
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "regression"])
+def test_native_sampling_through_the_pipeline(assets, tmp_path, algorithm):
+    """sampling.backend: native serves reference sampling, training rollouts and evaluation; the
+    stages record it, so a run made with it is not silently reused by another backend."""
+    over = {"sampling.backend": "native", "rl.algorithm": algorithm, "rl.steps": 2}
+    if algorithm == "regression":
+        over.update({"rl.samples_per_prompt": 2, "rl.onpolicy_samples": 2})
+    cfg = _cfg(assets, tmp_path / algorithm, **over)
+    d = pipeline.run_train(cfg, "raw", 0.1)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rl/step"] for r in rows] == [0, 1] and all(r["rl/time/generate"] > 0 for r in rows)
+    ev = pipeline.run_evaluate(cfg, "raw", 0.1)
+    assert math.isfinite(ev["kl"]["mean"]) and 0.0 <= ev["win_rate"]["bon:4"]["mean"] <= 1.0
+    manifest = json.loads((tmp_path / algorithm / "reference/train/manifest.json").read_text())
+    assert manifest["config"]["sampling"]["backend"] == "native"
+    with pytest.raises(ValueError, match=r"sampling\.backend='native'.*sampling\.backend='hf'"):
+        pipeline.run_evaluate(
+            _cfg(assets, tmp_path / algorithm, **{**over, "sampling.backend": "hf"}), "raw", 0.1
+        )
+
+
 def test_single_test_prompt_has_no_stderr(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "one", **{"prompts.test.limit": 1})
     ev = pipeline.run_evaluate(cfg, None)  # pi_ref against its own test artifact

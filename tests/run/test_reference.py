@@ -41,7 +41,7 @@ class Flaky:
 
 
 def _build(tiny_lm, out, reward=None, **kw):
-    model, tok = tiny_lm
+    model, tok = tiny_lm or (None, None)
     args = dict(sampling=SAMPLING, num_samples=4, seed=3, prompts_per_chunk=2, progress=False)
     args.update(kw)
     reward = reward or CallableReward("reward_fns:length_reward")
@@ -92,8 +92,32 @@ def test_round_trip(tiny_lm, full):
 def test_stored_tokens_and_logprobs_are_the_samples(tiny_lm, full):
     """``generation()`` rebuilds the sampled rows exactly: the token ids decode to the stored
     texts, and the scorer's sequence log-probs on them equal the stored log pi_ref (1e-5)."""
+    _check_stored(tiny_lm, full[1])
+
+
+def test_native_backend_stores_its_own_logprobs(tiny_lm, tmp_path):
+    """sampling.backend native: the stored log pi_ref are the sampler's, equal to the scorer's."""
+    native = SamplingConfig(max_new_tokens=8, batch_size=8, backend="native")
+    ref = _build(tiny_lm, tmp_path, sampling=native)
+    assert ref.meta["sampling"]["backend"] == "native"
+    _check_stored(tiny_lm, ref)
+
+
+def test_artifact_without_newer_sampling_keys_is_reused(full, tmp_path):
+    """An artifact written before sampling.backend / sampling.top_k existed reads them as their
+    defaults: reused, not resampled."""
+    d, ref = full
+    for f in ("reference.json", "reference.jsonl"):
+        (tmp_path / f).write_bytes((d / f).read_bytes())
+    meta = read_json(tmp_path / "reference.json")
+    del meta["sampling"]["backend"], meta["sampling"]["top_k"]
+    atomic_write_json(tmp_path / "reference.json", meta)
+    again = _build(None, tmp_path, reward=Flaky(fail_at=1))  # no model, no reward call
+    assert again.completions == ref.completions
+
+
+def _check_stored(tiny_lm, ref):
     model, tok = tiny_lm
-    _, ref = full
     assert ref.logprobs.dtype == torch.float64 and ref.logprobs.shape == (6, 4)
     assert [[len(t) for t in g] for g in ref.token_ids] == ref.num_tokens.tolist()
     idx = torch.tensor([[3, 0], [1, 2], [0, 3]])

@@ -215,7 +215,7 @@ class RegressionTrainer(CTRLTrainer):
             self.fresh_log_z = torch.full((len(self.prompts),), lz, dtype=torch.float64)
 
     @classmethod
-    def from_reference(  # type: ignore[override]
+    def from_reference(
         cls,
         policy: Any,
         reference: Any | None,
@@ -276,56 +276,68 @@ class RegressionTrainer(CTRLTrainer):
         ref_seq = sequence_logprob(ref.double().cpu(), gen.completion_mask.double())
         return gen, target, ref_seq.view(len(idx), -1), reward
 
-    def _train_step(self) -> dict[str, float]:
-        acc, rl = self.accelerator, self.rl
-        t0 = time.perf_counter()
-        W, G = acc.num_processes, rl.grad_accum
-        idx = self.step_prompt_indices(self.step)[acc.process_index :: W]
+    def _batches(self, idx: list[int]) -> tuple[list[tuple[Any, Any, Any]], Any, Any, Any]:
+        """The step's regression sets for prompts ``idx``: [(Generation, target (P', n), log pi_ref
+        (P', n))] with the reference samples first and the on-policy ones (if any) second; also
+        the reference samples' target and reward and the on-policy reward (or None)."""
         sidx = self._samples(idx)
         rows = torch.tensor(idx).unsqueeze(1)
         target, ref, reward = (
             t[rows, sidx] for t in (self.target_table, self.ref_table, self.reward_table)
         )
         batches = [(self.reference_set.generation(self.tokenizer, idx, sidx), target, ref)]
-        t_gen = t0
         on_reward = None
-        if rl.onpolicy_samples > 0:
+        if self.rl.onpolicy_samples > 0:
             gen_on, target_on, ref_on, on_reward = self._onpolicy(idx)
             batches.append((gen_on, target_on, ref_on))
-            t_gen = time.perf_counter()
+        return batches, target, reward, on_reward
+
+    def _regress(self, batches: list[tuple[Any, Any, Any]], n_prompts: int) -> tuple[Any, float]:
+        """Forward/backward of every micro-batch and the optimizer step. Returns the reference
+        samples' sequence log-ratios (P', n) before the update and the summed loss."""
+        acc, rl = self.accelerator, self.rl
+        W, G = acc.num_processes, rl.grad_accum
         n_per_prompt = sum(b[1].shape[1] for b in batches)
-        chunks = [c.tolist() for c in torch.arange(len(idx)).tensor_split(G)]
-        lr_now = float(self.scheduler.get_last_lr()[0])
+        chunks = [c.tolist() for c in torch.arange(n_prompts).tensor_split(G)]
         logratios: list[torch.Tensor] = []
-        loss_sum, grad_norm = 0.0, float("nan")
+        loss_sum, self._grad_norm = 0.0, float("nan")
         acc.step = 0
+        for chunk in chunks:
+            with acc.accumulate(self.model), acc.autocast():
+                loss = torch.zeros((), device=acc.device)
+                for bi, (gen, tgt, rf) in enumerate(batches):
+                    sub = gen.select_prompts(chunk)
+                    mask = sub.completion_mask.to(acc.device)
+                    lp = token_logprobs(
+                        self.model, sub, temperature=self.sampling.temperature, grad=True
+                    )
+                    assert isinstance(lp, torch.Tensor)
+                    seq = sequence_logprob(lp, mask).view(len(chunk), -1)
+                    part = regression_loss(
+                        seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
+                    )
+                    # the mean over all of the step's samples: weight by this part's share
+                    loss = loss + part * (seq.numel() / (rl.prompts_per_step * n_per_prompt))
+                    if bi == 0:
+                        logratios.append(seq.detach().double().cpu() - rf[chunk])
+                acc.backward(loss * (W * G))  # accelerate divides by G; DDP averages over W
+                loss_sum += loss.item() * rl.prompts_per_step
+                if acc.sync_gradients:
+                    self._grad_norm = self._clip_and_step()
+        self.scheduler.step()
+        return torch.cat(logratios), loss_sum
+
+    def _train_step(self) -> dict[str, float]:
+        acc, rl = self.accelerator, self.rl
+        t0 = time.perf_counter()
+        idx = self.step_prompt_indices(self.step)[acc.process_index :: acc.num_processes]
+        batches, target, reward, on_reward = self._batches(idx)
+        t_gen = time.perf_counter() if on_reward is not None else t0
+        lr_now = float(self.scheduler.get_last_lr()[0])
         with defer_interrupts():
-            for chunk in chunks:
-                with acc.accumulate(self.model), acc.autocast():
-                    loss = torch.zeros((), device=acc.device)
-                    for bi, (gen, tgt, rf) in enumerate(batches):
-                        sub = gen.select_prompts(chunk)
-                        mask = sub.completion_mask.to(acc.device)
-                        lp = token_logprobs(
-                            self.model, sub, temperature=self.sampling.temperature, grad=True
-                        )
-                        assert isinstance(lp, torch.Tensor)
-                        seq = sequence_logprob(lp, mask).view(len(chunk), -1)
-                        part = regression_loss(
-                            seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
-                        )
-                        # the mean over all of the step's samples: weight by this part's share
-                        loss = loss + part * (seq.numel() / (rl.prompts_per_step * n_per_prompt))
-                        if bi == 0:
-                            logratios.append(seq.detach().double().cpu() - rf[chunk])
-                    acc.backward(loss * (W * G))  # accelerate divides by G; DDP averages over W
-                    loss_sum += loss.item() * rl.prompts_per_step
-                    if acc.sync_gradients:
-                        grad_norm = self._clip_and_step()
-            self.scheduler.step()
+            lr_seq, loss_sum = self._regress(batches, len(idx))
             self.step += 1
             t1 = time.perf_counter()
-            lr_seq = torch.cat(logratios)
             fit = fit_diagnostics(lr_seq, target / rl.beta)
             local = {
                 "loss": (loss_sum, float(len(idx))),
@@ -339,20 +351,16 @@ class RegressionTrainer(CTRLTrainer):
             }
             if on_reward is not None:
                 local["onpolicy_reward"] = (float(on_reward.sum()), float(on_reward.numel()))
-            means = self._reduce_means(local)
-            metrics = {"rl/step": self.step - 1, **{f"rl/{k}": v for k, v in means.items()}}
-            metrics.update(
-                {
-                    "rl/fit_slope": fit["slope"],
-                    "rl/fit_corr": fit["corr"],
-                    "rl/fit_rmse": fit["rmse"],
-                    "rl/grad_norm": grad_norm,
-                    "rl/lr": lr_now,
-                    "rl/time/generate": t_gen - t0,
-                    "rl/time/forward_backward": t1 - t_gen,
-                    "rl/time/step": time.perf_counter() - t0,
-                }
-            )
+            metrics = {"rl/step": self.step - 1}
+            metrics |= {f"rl/{k}": v for k, v in self._reduce_means(local).items()}
+            metrics |= {f"rl/fit_{k}": fit[k] for k in ("slope", "corr", "rmse")}
+            metrics |= {
+                "rl/grad_norm": self._grad_norm,
+                "rl/lr": lr_now,
+                "rl/time/generate": t_gen - t0,
+                "rl/time/forward_backward": t1 - t_gen,
+                "rl/time/step": time.perf_counter() - t0,
+            }
             self._log(metrics)
         return metrics
 
