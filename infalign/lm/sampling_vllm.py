@@ -26,9 +26,9 @@ renormalised distribution, so ``Generation.logprobs`` is left None and the score
 The engine, ``LLM(model=DIR, enforce_eager=True, ...)``, is created on first use and kept for the
 process (one at a time; :func:`shutdown` frees it). vLLM starts worker processes: call from a
 ``if __name__ == "__main__":`` block (the ``infalign`` CLI is one). Extra engine arguments come from
-the environment variable ``INFALIGN_VLLM_ARGS``, a JSON object, e.g. ``{"kv_cache_memory_bytes":
-1073741824}`` for vLLM's CPU build or ``{"enforce_eager": false, "gpu_memory_utilization": 0.6}``
-on a GPU. Setup: docs/vllm.md.
+the environment variable ``INFALIGN_VLLM_ARGS``, a JSON object, e.g. ``{"enforce_eager": false,
+"gpu_memory_utilization": 0.6}`` on a GPU; on vLLM's CPU build the KV cache defaults to 1 GiB
+(``kv_cache_memory_bytes``). Setup: docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ _FIXED_ARGS = {
     "logprobs_mode": "processed_logprobs",
 }
 _DEFAULT_ARGS: dict[str, Any] = {"enforce_eager": True, "seed": 0}
+_CPU_KV_CACHE = 1 << 30
 
 _engine: dict[str, Any] = {}  # {"key": (dir, dtype, args), "llm": vllm.LLM}
 # model -> (dir, the versions of its parameters) when its weights were last found equal to the dir's
@@ -69,6 +70,7 @@ def _vllm() -> Any:
     """The ``vllm`` module, or an ImportError saying how to install it."""
     try:
         import vllm
+        import vllm.platforms  # vllm.platforms.current_platform
     except ImportError as err:
         raise ImportError(
             f"sampling.backend='vllm' needs vLLM, which is not importable here ({err}): on a GPU "
@@ -134,9 +136,12 @@ def model_dir(model: Any) -> Path:
     return d
 
 
-def engine_args(dtype: str) -> dict[str, Any]:
+def engine_args(dtype: str, cpu: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` (besides ``model``): the defaults, then the JSON object in
-    ``$INFALIGN_VLLM_ARGS``, then the ones this module relies on. ValueError naming the variable."""
+    ``$INFALIGN_VLLM_ARGS``, then the ones this module relies on. ValueError naming the variable.
+
+    ``cpu`` (vLLM's CPU build): a 1 GiB KV cache unless the variable sizes it, instead of vLLM's
+    default of 0.92 of the machine's memory (which it refuses to start without)."""
     raw = os.environ.get(ENV_ARGS, "").strip()
     try:
         extra = json.loads(raw) if raw else {}
@@ -147,15 +152,17 @@ def engine_args(dtype: str) -> dict[str, Any]:
     fixed = sorted(set(extra) & {*_FIXED_ARGS, "model"})
     if fixed:
         raise ValueError(f"{ENV_ARGS}: {fixed[0]!r} is set by infalign.lm.sampling_vllm")
-    return {**_DEFAULT_ARGS, "dtype": dtype, **extra, **_FIXED_ARGS}
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(extra)
+    cache = {"kv_cache_memory_bytes": _CPU_KV_CACHE} if cpu and not sized else {}
+    return {**_DEFAULT_ARGS, **cache, "dtype": dtype, **extra, **_FIXED_ARGS}
 
 
 def _llm(d: Path, dtype: str) -> Any:
     """The cached engine for (``d``, dtype, engine args); a different key replaces it."""
-    args = engine_args(dtype)
+    vllm = _vllm()
+    args = engine_args(dtype, cpu=vllm.platforms.current_platform.is_cpu())
     key = (str(d.resolve()), dtype, json.dumps(args, sort_keys=True, default=str))
     if _engine.get("key") != key:
-        vllm = _vllm()
         shutdown()
         log.info("vllm: starting an engine on %s (%s)", d, args)
         _engine["llm"] = vllm.LLM(model=str(d), **args)

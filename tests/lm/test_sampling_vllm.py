@@ -50,7 +50,8 @@ class _ScriptedLLM:
 @pytest.fixture
 def scripted(monkeypatch):
     """The backend with a scripted engine in place of vLLM; yields the _ScriptedLLM class."""
-    fake = SimpleNamespace(LLM=_ScriptedLLM, SamplingParams=lambda **kw: kw)
+    cpu = SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: True))
+    fake = SimpleNamespace(LLM=_ScriptedLLM, SamplingParams=lambda **kw: kw, platforms=cpu)
     monkeypatch.setattr(sv, "_vllm", lambda: fake)
     monkeypatch.delenv(sv.ENV_ARGS, raising=False)
     _ScriptedLLM.made = []
@@ -106,6 +107,7 @@ def test_engine_cached_args_and_truncation(scripted, tiny_lm, tiny_lm_dir, monke
     args = scripted.made[0].args
     assert args["model"] == str(tiny_lm_dir) and args["enforce_eager"] is True
     assert args["skip_tokenizer_init"] is True and args["logprobs_mode"] == "processed_logprobs"
+    assert args["kv_cache_memory_bytes"] == 1 << 30  # vLLM's CPU build: a 1 GiB KV cache
     assert gen.logprobs is None  # top_p < 1: vLLM's log-probs are of the truncated distribution
     monkeypatch.setenv(sv.ENV_ARGS, '{"kv_cache_memory_bytes": 1024}')
     sample(str(tiny_lm_dir), tok, PROMPTS, 1, s, seed=0, progress=False)
@@ -125,6 +127,10 @@ def test_engine_args_from_environment(monkeypatch):
     args = sv.engine_args("float32")
     assert args["enforce_eager"] is False and args["max_model_len"] == 64
     assert args["dtype"] == "float32" and args["generation_config"] == "vllm"
+    assert "kv_cache_memory_bytes" not in args  # not on a CPU, not set
+    assert sv.engine_args("auto", cpu=True)["kv_cache_memory_bytes"] == 1 << 30
+    monkeypatch.setenv(sv.ENV_ARGS, '{"gpu_memory_utilization": 0.3}')
+    assert "kv_cache_memory_bytes" not in sv.engine_args("auto", cpu=True)  # sized by the user
     for raw, msg in [
         ("{nope", "not JSON"),
         ("[1]", "expected a JSON object"),
