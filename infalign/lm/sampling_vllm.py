@@ -100,16 +100,19 @@ def _differing_weight(model: Any, d: Path) -> str | None:
     return None if compared else "<no common tensor>"
 
 
+def _loadable(d: Path, what: str) -> Path:
+    """``d`` if it is a directory vLLM can load (config.json and safetensors), else ValueError."""
+    if not d.is_dir() or not any(d.glob("*.safetensors")) or not (d / "config.json").is_file():
+        raise ValueError(
+            f"{what}: {str(d)!r} is not a directory with config.json and *.safetensors"
+        )
+    return d
+
+
 def model_dir(model: Any) -> Path:
     """The directory vLLM loads for ``model`` (module docstring); ValueError if vLLM cannot take it."""
     if isinstance(model, (str, Path)):
-        d = Path(model).expanduser()
-        if not d.is_dir() or not any(d.glob("*.safetensors")) or not (d / "config.json").is_file():
-            raise ValueError(
-                f"sampling.backend='vllm': model {str(model)!r} is not a directory with "
-                "config.json and *.safetensors"
-            )
-        return d
+        return _loadable(Path(model).expanduser(), "sampling.backend='vllm': model")
     what = f"sampling.backend='vllm': the model {type(model).__name__}"
     if hasattr(model, "peft_config"):
         raise ValueError(f"{what} is a peft model; merge it and save it (save_pretrained) first")
@@ -119,9 +122,9 @@ def model_dir(model: Any) -> Path:
             "disk, not from memory; sample it with sampling.backend hf or native"
         )
     name = str(getattr(model, "name_or_path", "") or "")
-    d = Path(name).expanduser()
-    if not name or not d.is_dir():
+    if not name or not Path(name).expanduser().is_dir():
         raise ValueError(f"{what} was not loaded from a local directory (name_or_path={name!r})")
+    d = _loadable(Path(name).expanduser(), f"{what} (name_or_path)")
     versions = tuple(p._version for p in model.parameters())
     if _verified.get(model) == (str(d), versions):
         return d
@@ -247,8 +250,8 @@ def sample(
 ) -> Generation:
     """The ``vllm`` Sampler (module docstring); inputs checked by :func:`infalign.lm.sampling.sample`.
     Fills ``Generation.logprobs`` when ``top_k == 0`` and ``top_p == 1``."""
+    d = model_dir(model)  # bad input fails before vLLM is imported
     vllm = _vllm()
-    d = model_dir(model)
     if isinstance(model, (str, Path)):
         from transformers import AutoConfig, GenerationConfig
 

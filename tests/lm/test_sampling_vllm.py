@@ -148,7 +148,7 @@ def test_model_dir_takes_saved_weights_only(tiny_lm_dir, tmp_path):
     from infalign.run.config import ModelConfig
 
     assert sv.model_dir(str(tiny_lm_dir)) == tiny_lm_dir
-    with pytest.raises(ValueError, match=r"not a directory with config\.json"):
+    with pytest.raises(ValueError, match=r"model: '.*' is not a directory with config\.json"):
         sv.model_dir(tmp_path)
     model = load_model(ModelConfig(name=str(tiny_lm_dir), device="cpu"))
     assert sv.model_dir(model) == tiny_lm_dir  # the reference model: weights as on disk
