@@ -172,7 +172,7 @@ def _load(
     algorithm: str = "rloo30",
 ) -> Any:
     """The RunConfig of one seed's run directory (``out/<tag>/seed<s>`` when ``tag`` is given)."""
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     ov = {**_overrides(task, out, seed, k, algorithm), "methods": meths, **(extra or {})}
     if tag is not None:

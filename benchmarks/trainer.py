@@ -81,7 +81,7 @@ def single_thread() -> None:
 
 
 def run_config(args: argparse.Namespace) -> Any:
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     cfg = load_config(args.config)
     rl = dataclasses.replace(

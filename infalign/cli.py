@@ -123,7 +123,7 @@ def _overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _load_recipe(args: argparse.Namespace) -> RunConfig:
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
 
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = (
         "Any config key can be overridden after the recipe as --section.key VALUE or "
         "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
-        "--rl.steps 10 --out runs/x); an unknown key is an error."
+        "--rl.steps 10 --out runs/x); an unknown key is an error. Every key with its type, "
+        "default and help: infalign config show [RECIPE]."
     )
     p = sub.add_parser(
         "reference",
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
+    from infalign.run import export, schema
+
+    schema.register(sub, _load_recipe)  # config show | schema
+    export.register(sub, _load_recipe, _method_name)
     return parser
 
 

@@ -279,6 +279,7 @@ class CTRLTrainer:
         log.info("rl step %d: %s", metrics["rl/step"], json.dumps(metrics))
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log(metrics, step=int(metrics["rl/step"]))  # recipe key `tracking`
 
     # --- checkpoints (files and state: infalign.rl.checkpoint) -------------------------------------
 

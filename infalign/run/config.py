@@ -1,18 +1,14 @@
-"""Configuration: one frozen dataclass per stage, a RunConfig that holds them, YAML load/dump and
-dotted overrides (``--rl.beta 0.1``). Everything is validated here, before any model is loaded.
+"""Configuration: one frozen dataclass per stage and a RunConfig that holds them. Everything is
+validated here, before any model is loaded. Reading a recipe (YAML, task defaults, dotted overrides,
+type coercion) is :mod:`infalign.run.recipe`; every key's help text is :mod:`infalign.run.schema`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 __all__ = [
     "SAMPLING_BACKENDS",
@@ -27,9 +23,6 @@ __all__ = [
     "RewardConfig",
     "RunConfig",
     "SamplingConfig",
-    "apply_overrides",
-    "from_dict",
-    "load_config",
     "to_dict",
 ]
 
@@ -298,6 +291,7 @@ class RunConfig:
     task: str | None = (
         None  # a shipped task (infalign.lm.tasks.TASKS): fills reward, prompts, procedure
     )
+    tracking: tuple[str, ...] = ()  # experiment trackers (infalign.run.tracking.TRACKERS)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference_model: ModelConfig | None = None  # defaults to `model`
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -312,7 +306,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every section (and the transform / procedure strings); returns self."""
         from infalign.core.procedures import parse_procedure
+        from infalign.run.tracking import check_trackers
 
+        check_trackers(self.tracking, "tracking")
         self.model.validate("model")
         if self.reference_model is not None:
             self.reference_model.validate("reference_model")
@@ -367,7 +363,7 @@ def _check_transform_spec(path: str, spec: str) -> None:
         _fail(path, spec, str(err))
 
 
-# --- dict <-> dataclass -------------------------------------------------------------------------
+# --- dict <-> dataclass (reading recipes: infalign.run.recipe) ------------------------------------
 
 
 def to_dict(cfg: Any) -> Any:
@@ -377,118 +373,3 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return [to_dict(x) for x in cfg]
     return cfg
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is tuple:
-        (item, *_rest) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return tuple(_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            _fail(path, value, "expected true or false")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool):
-            _fail(path, value, f"expected a number ({tp.__name__})")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            _fail(path, value, f"expected a number ({tp.__name__})")
-        if tp is int and isinstance(value, float) and value != out:
-            _fail(path, value, "expected an integer")
-        return out
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            _fail(path, value, "expected a string")
-        return str(value)
-    return value
-
-
-def from_dict(cls: Any, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, naming the dotted path of any unknown key or bad value."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        _fail(path or cls.__name__, data, f"expected a mapping for {cls.__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        _fail(
-            f"{where}{unknown[0]}",
-            data[unknown[0]],
-            f"unknown key; expected one of {sorted(names)}",
-        )
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``rl.beta``) in a nested config dict; values given as strings are YAML-parsed."""
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}
-    for dotted, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                _fail(dotted, raw, f"{key} is not a section")
-        node[leaf] = value
-    return out
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a recipe YAML, apply dotted overrides, build and validate the RunConfig."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"recipe {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if overrides:
-        data = apply_overrides(data, overrides)
-    cfg: RunConfig = from_dict(RunConfig, _apply_task(data))
-    return cfg.validate()
-
-
-def _apply_task(data: dict[str, Any]) -> dict[str, Any]:
-    """``task: NAME`` fills what the recipe leaves out: the task's reward, its shipped train/test
-    prompt files and its procedure (``report.procedure``). An unknown name is an error."""
-    name = data.get("task") if isinstance(data, dict) else None
-    if name is None:
-        return data
-    from infalign.lm.tasks import TASKS
-
-    if name not in TASKS:
-        _fail("task", name, f"unknown task; expected one of {sorted(TASKS)}")
-    task = TASKS[name]
-    out = yaml.safe_load(yaml.safe_dump(data))
-    reward = out.setdefault("reward", {})
-    if not reward.get("name"):
-        reward.update(kind="callable", name=task.reward)
-    prompts = out.setdefault("prompts", {})
-    for split, path in (("train", task.train_prompts), ("test", task.test_prompts)):
-        section = prompts.setdefault(split, {})
-        section.setdefault("source", path)
-    out.setdefault("report", {}).setdefault("procedure", task.procedure)
-    return out
-
-
-def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from infalign.run import tracking
 from infalign.run.config import MethodConfig, RunConfig, to_dict
 from infalign.run.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from infalign.run.runs import (
@@ -215,7 +216,8 @@ def _train(env: _Env, method: MethodConfig, beta: float) -> Path:
         d,
         resume=resume,
     )
-    trainer.train()
+    with tracking.session(trainer.accelerator, cfg, method, beta, trainer.step):
+        trainer.train()
     del trainer, policy
     gc.collect()
     rows = [json.loads(x) for x in (d / METRICS_FILE).read_text().splitlines() if x.strip()]
@@ -408,6 +410,7 @@ def _evaluate(env: _Env, method: MethodConfig | None, beta: float | None) -> dic
     result = _nan_to_none(to_jsonable(result))  # e.g. stderr over a single prompt
     atomic_write_json(d / "eval.json", result)
     _write_stage(d, stage_cfg, seed, what, "done")
+    tracking.log_eval(cfg, method, beta, result)
     return result
 
 

@@ -19,8 +19,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from infalign.run.config import MethodConfig, ModelConfig, RunConfig, dump_config, to_dict
+from infalign.run.config import MethodConfig, ModelConfig, RunConfig, to_dict
 from infalign.run.io import atomic_write_text, read_json, to_jsonable, write_manifest
+from infalign.run.recipe import dump_config
 from infalign.theory import needs_theory, split_target
 
 __all__ = [

@@ -14,7 +14,8 @@ from tiny_assets import write_tiny_assets
 
 from infalign import theory
 from infalign.run import pipeline
-from infalign.run.config import MethodConfig, load_config
+from infalign.run.config import MethodConfig
+from infalign.run.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -226,7 +227,7 @@ def test_preflight_checks_before_loading(assets, tmp_path):
 
 def test_task_fills_reward_prompts_and_procedure(tmp_path):
     from infalign.lm.tasks import TASKS
-    from infalign.run.config import load_config
+    from infalign.run.recipe import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "harmless.yaml")
     task = TASKS["harmless"]
