@@ -54,11 +54,13 @@ $(VLLM_VENV)/.ready: pyproject.toml constraints-cpu.txt
 test-vllm: $(VLLM_VENV)/.ready
 	$(VLLM_VENV)/bin/python -m pytest -q -s -m vllm tests/lm/test_sampling_vllm.py
 
-# The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, trainer vs TRL.
+# The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, sampling backends,
+# trainer vs TRL.
 bench: setup
 	$(BIN)/python benchmarks/theory.py
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/trainer.py
 
 # The paper's claims on the offline testbed (docs/results.md): 5 seeds x 2 tasks x 21 units, many

@@ -34,8 +34,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from _common import git_commit
+
     from infalign.lm.models import load_model, load_tokenizer
     from infalign.lm.prompts import load_prompts
     from infalign.lm.sampling import sample

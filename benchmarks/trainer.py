@@ -24,6 +24,10 @@ step seconds, and peak memory (``ru_maxrss`` of the subprocess, which includes t
 encoder). The ratio printed is TRL's median s/step over infalign's; the samples differ (different
 random streams), so tokens/s is the fairer number when completion lengths differ.
 
+infalign samples with ``--backend`` (``sampling.backend``; default ``native``, the decoding loop of
+``infalign.lm.sampling_native``; ``hf`` is transformers' ``generate``, as TRL uses). TRL's generation
+config is its own (``disable_compile=True``, no top-k / top-p / repetition penalty here).
+
 Objective check (on TRL's untimed warm-up batch, where policy == reference): infalign's
 ``token_logprobs`` of TRL's sequences against TRL's own log-probs, and infalign's
 ``kl_penalized_reward`` + ``rloo_advantages`` of TRL's rewards against TRL's advantages.
@@ -39,7 +43,7 @@ What still differs between the two runs (documented, not removable from outside 
     sampling policy for every prompt shorter than the longest in its batch (several nats per sequence
     here; the check prints the size). Its compute is unaffected; with equal-length prompts it vanishes.
 
-Run: ``OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer.py [--steps 8]
+Run: ``OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer.py [--steps 8] [--backend hf]
 [--json out.json]``. Timings are not asserted.
 """
 
@@ -97,7 +101,8 @@ def run_config(args: argparse.Namespace) -> Any:
         bf16=False,
         save_every=10**9,  # only the final checkpoint, after the timed steps
     )
-    return dataclasses.replace(cfg, rl=rl)
+    sampling = dataclasses.replace(cfg.sampling, backend=args.backend)
+    return dataclasses.replace(cfg, rl=rl, sampling=sampling)
 
 
 def build_reference(args: argparse.Namespace, cfg: Any, out: Path) -> Any:
@@ -358,6 +363,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per trainer, alternating")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--config", default="recipes/demo.yaml")
+    ap.add_argument(
+        "--backend",
+        choices=["hf", "native"],
+        default="native",
+        help="infalign's sampling.backend (TRL always samples with transformers' generate)",
+    )
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument("--worker", choices=["infalign", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -386,7 +397,8 @@ def main() -> None:
         f"# model {cfg.model.name} ({cfg.model.dtype}, cpu); reward {cfg.reward.name}; "
         f"{args.prompts} train prompts, reference K={args.k}; {rl.prompts_per_step} prompts x "
         f"M={rl.samples_per_prompt} per step, max_new_tokens={sp.max_new_tokens}, "
-        f"T={sp.temperature}, top_p={sp.top_p}; AdamW lr={rl.lr:g}, beta={rl.beta:g}, "
+        f"T={sp.temperature}, top_p={sp.top_p}, infalign sampling.backend={sp.backend}; "
+        f"AdamW lr={rl.lr:g}, beta={rl.beta:g}, "
         f"transform {TRANSFORM}; {args.warmup} warm-up + {args.steps} timed steps"
     )
     t_start = time.perf_counter()
@@ -404,6 +416,7 @@ def main() -> None:
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
                 cmd += ["--prompts", str(args.prompts), "--k", str(args.k)]
                 cmd += ["--beta", str(args.beta), "--config", args.config]
+                cmd += ["--backend", args.backend]
                 subprocess.run(cmd, check=True, env=env)
                 runs[name].append(json.loads((work / f"{name}.json").read_text()))
 

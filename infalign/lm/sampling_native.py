@@ -79,12 +79,25 @@ class _GPT2:
     def __init__(self, model: Any) -> None:
         cfg = model.config
         tr = model.transformer
-        self.blocks = list(tr.h)
-        self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, tr.ln_f
+        tanh = cfg.activation_function in _TANH_GELU
+        # per block: (ln_1, c_attn, c_proj, ln_2, c_fc, act, mlp c_proj) as plain tensors
+        self.blocks = [
+            (
+                (b.ln_1.weight, b.ln_1.bias, b.ln_1.eps),
+                (b.attn.c_attn.weight, b.attn.c_attn.bias),
+                (b.attn.c_proj.weight, b.attn.c_proj.bias),
+                (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
+                (b.mlp.c_fc.weight, b.mlp.c_fc.bias),
+                (lambda x: F.gelu(x, approximate="tanh")) if tanh else b.mlp.act,
+                (b.mlp.c_proj.weight, b.mlp.c_proj.bias),
+            )
+            for b in tr.h
+        ]
+        self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
+        self.ln_f = (tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
         self.head = model.lm_head.weight
         self.H = int(cfg.n_head)
         self.scale_attn = bool(cfg.scale_attn_weights)
-        self.act = cfg.activation_function
         self.cache: torch.Tensor | None = None
 
     @staticmethod
@@ -101,28 +114,23 @@ class _GPT2:
         mods += [m for b in model.transformer.h for m in (b.mlp.c_fc, b.mlp.c_proj)]
         return all(type(m) is Conv1D for m in mods) and type(model.lm_head) is torch.nn.Linear
 
-    def _mlp(self, blk: Any, x: torch.Tensor) -> torch.Tensor:
-        h = torch.addmm(blk.mlp.c_fc.bias, x, blk.mlp.c_fc.weight)
-        h = F.gelu(h, approximate="tanh") if self.act in _TANH_GELU else blk.mlp.act(h)
-        return torch.addmm(blk.mlp.c_proj.bias, h, blk.mlp.c_proj.weight)
-
     def _layers(self, h: torch.Tensor, attend: Any) -> torch.Tensor:
-        """h (n, s, E) through every block; ``attend(layer, q, k, v)`` -> (n, H, s, d)."""
+        """h (n, s, E) through every block (Conv1D: y = x W + b, W (in, out));
+        ``attend(layer, q, k, v)`` -> (n, H, s, d)."""
         n, s, E = h.shape
         d = E // self.H
-        for i, blk in enumerate(self.blocks):
-            x = F.layer_norm(h, (E,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps).view(n * s, E)
-            qkv = torch.addmm(blk.attn.c_attn.bias, x, blk.attn.c_attn.weight)
+        h = h.reshape(n * s, E)
+        for i, (ln1, attn, proj, ln2, fc, act, out) in enumerate(self.blocks):
+            qkv = torch.addmm(attn[1], torch.layer_norm(h, (E,), *ln1), attn[0])
             q, k, v = qkv.view(n, s, 3, self.H, d).permute(2, 0, 3, 1, 4).unbind(0)
             a = attend(i, q, k, v).transpose(1, 2).reshape(n * s, E)
-            h = h + torch.addmm(blk.attn.c_proj.bias, a, blk.attn.c_proj.weight).view(n, s, E)
-            x = F.layer_norm(h, (E,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps).view(n * s, E)
-            h = h + self._mlp(blk, x).view(n, s, E)
-        return h
+            h = torch.addmm(h, a, proj[0]).add_(proj[1])
+            x = act(torch.addmm(fc[1], torch.layer_norm(h, (E,), *ln2), fc[0]))
+            h = torch.addmm(h, x, out[0]).add_(out[1])
+        return h.view(n, s, E)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        E = h.shape[-1]
-        x = F.layer_norm(h, (E,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        x = torch.layer_norm(h, (h.shape[-1],), *self.ln_f)
         return (x @ self.head.T).float()
 
     def prefill(
@@ -303,7 +311,7 @@ def sample(
             mask = enc_mask[uniq]
             first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding everywhere
             gen = torch.Generator(device=device).manual_seed(derive_seed(seed, ci))
-            with torch.no_grad():
+            with torch.inference_mode():
                 t, lp = _decode_chunk(
                     dec,
                     enc_ids[uniq, first:].to(device),
