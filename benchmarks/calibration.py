@@ -18,9 +18,10 @@ import os
 import platform
 
 import torch
-from _common import best_time, git_commit
+from _common import best_time
 
 from infalign.core.calibration import EmpiricalCalibration
+from infalign.run.io import git_commit
 
 
 def naive(ref: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def main() -> None:
     P, M, K = args.prompts, args.m, args.k
     default_threads = torch.get_num_threads()
 
-    sha = git_commit("infalign/core/calibration.py")
+    sha = git_commit()
     print(
         f"# benchmarks/calibration.py  commit={sha}  torch={torch.__version__}  "
         f"python={platform.python_version()}"

@@ -206,6 +206,7 @@ def _work(
 
     from infalign.run import pipeline
     from infalign.run.io import atomic_write_json
+    from infalign.run.runs import RunEnv
 
     torch.set_num_threads(1)
     cfg = _load(task, Path(out), seed, k, meths, tag, extra, algorithm)
@@ -221,7 +222,7 @@ def _work(
         m = pipeline.get_method(cfg, name)
     wall = time.perf_counter() - t0
     if summary is not None:
-        row = pipeline._row(cfg, m, b)
+        row = pipeline.results_row(RunEnv(cfg), m, b)
         train = None
         if m is not None and b is not None:
             train = {"seconds": t_train, "tail": _tail(pipeline.train_dir(cfg, m.name, b))}

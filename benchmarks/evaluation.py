@@ -20,7 +20,7 @@ import argparse
 import platform
 
 import torch
-from _common import best_time, git_commit
+from _common import best_time
 from scipy import integrate
 
 from infalign.core.evaluation import (
@@ -30,6 +30,7 @@ from infalign.core.evaluation import (
     subset_weights,
 )
 from infalign.core.procedures import Procedure, parse_procedure
+from infalign.run.io import git_commit
 
 
 def truth(proc: Procedure, alpha: float) -> float:

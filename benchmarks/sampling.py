@@ -34,12 +34,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from _common import git_commit
 
     from infalign.lm.models import load_model, load_tokenizer
     from infalign.lm.prompts import load_prompts
     from infalign.lm.sampling import sample
-    from infalign.run.config import load_config
+    from infalign.run.io import git_commit
+    from infalign.run.recipe import load_config
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)

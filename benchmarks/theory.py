@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from scipy import integrate, optimize
 from infalign import theory
 from infalign.core.procedures import parse_procedure
 from infalign.core.transforms import parse_transform
+from infalign.run.io import git_commit
 
 
 def _quad_row(spec: str, kl: float, proc, lam_hint: float) -> tuple[float, float]:
@@ -56,9 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     proc = parse_procedure(args.procedure)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(
-        f"# commit={commit.stdout.strip()} {platform.machine()} {platform.system()} "
+        f"# commit={git_commit()} {platform.machine()} {platform.system()} "
         f"python={platform.python_version()} cpus={os.cpu_count()} numpy={np.__version__}"
     )
     transforms = ["identity", "log", "exp:auto", "negexp:auto", "optimal"]

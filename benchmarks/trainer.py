@@ -383,13 +383,14 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from _common import git_commit
+
+    from infalign.run.io import git_commit
 
     single_thread()
     cfg = run_config(args)
     rl, sp = cfg.rl, cfg.sampling
     print(
-        f"# benchmarks/trainer.py  commit={git_commit('infalign/rl')}  "
+        f"# benchmarks/trainer.py  commit={git_commit()}  "
         f"torch={torch.__version__}  transformers={transformers.__version__}  trl={trl.__version__}  "
         f"python={platform.python_version()}  threads=1 per trainer"
     )
@@ -471,7 +472,7 @@ def main() -> None:
 
     if args.json:
         payload = {
-            "commit": git_commit("infalign/rl"),
+            "commit": git_commit(),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

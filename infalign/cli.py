@@ -1,4 +1,5 @@
-"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run``.
+"""Command line: ``infalign frontier|solve|reference|train|evaluate|report|run``, ``config``,
+``export``, ``serve-reward``, ``export-reward``.
 
 The only module that prints. Bad arguments give a one-line error on stderr and exit status 2.
 """
@@ -9,12 +10,15 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+
+from infalign import __version__
 
 if TYPE_CHECKING:
     from infalign.run.config import RunConfig
@@ -31,6 +35,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_out(out: str | Path, key: str = "out") -> Path:
+    """An output directory we can create and write: UsageError naming ``key`` when it, or a
+    directory above it, is a file, or when the nearest existing directory is not writable."""
+    path = Path(out)
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is" if p == path else f"is below {str(p)!r}, which is"
+                raise UsageError(f"{key}={str(out)!r} {where} a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"{key}={str(out)!r}: directory {str(p)!r} is not writable")
+            break
+    return path
 
 
 def _parse_kls(spec: str) -> np.ndarray:
@@ -62,8 +81,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     if not specs:
         raise UsageError("--transforms: give at least one transform")
     kls = _parse_kls(args.kl)
+    out = check_out(args.out, "--out")
     rows = theory.frontier(proc, specs, kls)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fields = list(theory.FrontierRow.__dataclass_fields__)
     with open(out / "frontier.csv", "w", newline="") as fh:
@@ -128,6 +147,13 @@ def _load_recipe(args: argparse.Namespace) -> RunConfig:
     return load_config(args.recipe, _overrides(getattr(args, "extra", [])))
 
 
+def _load_run(args: argparse.Namespace) -> RunConfig:
+    """The recipe of a verb that writes into its ``out`` (checked to be a writable directory)."""
+    cfg = _load_recipe(args)
+    check_out(cfg.out)
+    return cfg
+
+
 def _fmt_ci(d: dict | None) -> str:
     if not d:
         return "-"
@@ -164,7 +190,7 @@ def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
 def cmd_reference(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     splits = [args.split] if args.split else list(pipeline.SPLITS)
     refs = pipeline.run_references(cfg, splits)
     for split, ref in refs.items():
@@ -180,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
     from infalign.run.io import read_json
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     method = _method_name(cfg, args)
     d = pipeline.run_train(cfg, method, args.beta)
     last = read_json(d / "manifest.json").get("summary") or {}
@@ -199,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
     from infalign.run.io import read_json
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     if args.reference and (args.method is not None or args.beta is not None):
         raise UsageError("--reference evaluates pi_ref itself: give it without --method/--beta")
     method = None if args.reference else _method_name(cfg, args)
@@ -216,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
 
-    cfg = _load_recipe(args)
+    cfg = _load_run(args)
     results = pipeline.run_all(cfg, report=not args.no_report)
     _print_table(results["rows"], results["procedures"])
     out = Path(cfg.out)
@@ -240,13 +266,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _theory_verbs(sub: Any) -> None:
+    """``frontier`` and ``solve``: the calibrated-space engine."""
     p = sub.add_parser("frontier", help="win rate vs KL per transform in calibrated space")
     p.add_argument("--procedure", default="bon:4", help="sample | bon:N | won:N | kth:K:N")
     p.add_argument(
@@ -260,66 +281,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="recommended transform, t and beta for a procedure and KL")
     p.add_argument("--procedure", default="bon:4")
-    p.add_argument("--kl", required=True, help="KL budget in nats")
+    p.add_argument("--kl", required=True, help="KL budget in nats, in (0, 12]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_solve)
 
-    over = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
-    epilog = (
-        "Any config key can be overridden after the recipe as --section.key VALUE or "
-        "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
-        "--rl.steps 10 --out runs/x); an unknown key is an error. Every key with its type, "
-        "default and help: infalign config show [RECIPE]."
-    )
-    p = sub.add_parser(
-        "reference",
-        help="sample and score K reference responses per prompt" + over,
-        allow_abbrev=False,
-    )
+
+_OVER = "; config overrides follow the recipe: --rl.beta 0.1 --out runs/x"
+_EPILOG = (
+    "Any config key can be overridden after the recipe as --section.key VALUE or "
+    "--section.key=VALUE (values are YAML: --evaluate.procedures sample,bon:4 "
+    "--rl.steps 10 --out runs/x); an unknown key is an error. Every key with its type, "
+    "default and help: infalign config show [RECIPE]."
+)
+
+
+def _recipe_verb(sub: Any, name: str, what: str, func: Any) -> argparse.ArgumentParser:
+    """A pipeline verb: a recipe, then its own options, then config overrides."""
+    p = sub.add_parser(name, help=what + _OVER, allow_abbrev=False, epilog=_EPILOG)
     p.add_argument("recipe", help="recipe YAML")
+    p.set_defaults(func=func, overrides_ok=True)
+    return p
+
+
+def _pipeline_verbs(sub: Any) -> None:
+    """``reference``, ``train``, ``evaluate``, ``run`` (recipe + overrides) and ``report``."""
+    p = _recipe_verb(
+        sub, "reference", "sample and score K reference responses per prompt", cmd_reference
+    )
     p.add_argument("--split", choices=["train", "test"], help="one split (default: both)")
-    p.set_defaults(func=cmd_reference, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "train", help="CTRL training of one method at one beta" + over, allow_abbrev=False
-    )
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
-    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
-    p.set_defaults(func=cmd_train, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "evaluate",
-        help="inference-time win rates and KL of a trained policy" + over,
-        allow_abbrev=False,
-    )
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--method", help="a method name of the recipe (required if it has several)")
-    p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
+    for name, what, func in (
+        ("train", "CTRL training of one method at one beta", cmd_train),
+        ("evaluate", "inference-time win rates and KL of a trained policy", cmd_evaluate),
+    ):
+        p = _recipe_verb(sub, name, what, func)
+        p.add_argument("--method", help="a method name of the recipe (required if it has several)")
+        p.add_argument("--beta", type=float, help="KL coefficient (default: rl.beta)")
     p.add_argument("--reference", action="store_true", help="evaluate pi_ref itself (sanity row)")
-    p.set_defaults(func=cmd_evaluate, overrides_ok=True)
-    p.epilog = epilog
-
-    p = sub.add_parser(
-        "run",
-        help="the whole sweep: reference, train, evaluate, results, report" + over,
-        allow_abbrev=False,
+    p = _recipe_verb(
+        sub, "run", "the whole sweep: reference, train, evaluate, results, report", cmd_run
     )
-    p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--no-report", action="store_true", help="skip the report")
-    p.set_defaults(func=cmd_run, overrides_ok=True)
-    p.epilog = epilog
 
     p = sub.add_parser("report", help="report.md + plots from a run directory's artifacts")
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")
     p.set_defaults(func=cmd_report)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: global -v/--verbose (also accepted after the verb) and --version, then the verbs.
+    A new verb registers itself with a function like ``_theory_verbs(sub)``."""
+    parser = _Parser(
+        prog="infalign", description="Inference-aware alignment: calibrate, transform, RL (CTRL)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"infalign {__version__}")
+    # every verb accepts -v too; SUPPRESS keeps its default from resetting a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = sub.add_parser
+
+    def add_verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [verbose, *kwargs.get("parents", ())]
+        return add_parser(name, **kwargs)
+
+    sub.add_parser = add_verb  # type: ignore[method-assign]
+    _theory_verbs(sub)
+    _pipeline_verbs(sub)
     from infalign.run import export, schema
 
     schema.register(sub, _load_recipe)  # config show | schema
     export.register(sub, _load_recipe, _method_name)
+
+    from infalign.integrations.commands import add_commands  # serve-reward, export-reward
+
+    add_commands(sub, _load_recipe, lambda msg: print(msg, flush=True), _EPILOG)
     return parser
 
 
@@ -340,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except (UsageError, ValueError) as err:
         print(f"infalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:  # e.g. a read-only run directory found only when writing
+        print(
+            f"infalign {args.command}: error: cannot write {err.filename!r}: {err.strerror}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"

@@ -43,3 +43,20 @@ class Boom(RuntimeError):
 def failing_reward(prompts, completions):
     """Raises: simulates a reward model crash."""
     raise Boom("reward backend crashed")
+
+
+def exiting_reward(prompts, completions):
+    """Calls sys.exit(3) (a script's habit, inside a library call)."""
+    import sys
+
+    sys.exit(3)
+
+
+def none_reward(prompts, completions):
+    """Forgets to return."""
+    [[len(c) for c in group] for group in completions]
+
+
+def huge_reward(prompts, completions):
+    """1e300 for every completion: finite in float64, beyond float32."""
+    return [[1e300 for _ in group] for group in completions]

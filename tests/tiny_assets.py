@@ -19,8 +19,10 @@ The rewards below are deterministic functions of the text, used as ``tests/tiny_
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 TRAIN_PROMPTS = [
     "The quick brown fox",
@@ -67,6 +69,24 @@ def write_tiny_assets(out: str | Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+REWARD = f"{Path(__file__).resolve()}:vowel_reward"
+
+
+def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> list[str]:
+    """CLI overrides that point ``recipes/tiny.yaml`` at the assets of ``write_tiny_assets`` and at
+    ``out`` (plus ``extra``: dotted key -> value), as ``--key value`` tokens."""
+    over = {
+        "model.name": assets["model"],
+        "prompts.train.source": assets["train"],
+        "prompts.test.source": assets["test"],
+        "reward.name": REWARD,
+        "out": out,
+        **extra,
+    }
+    return [tok for k, v in over.items() for tok in (f"--{k}", str(v))]
+
+
 def _score(c: str) -> float:
     """Vowel density plus a small length term: few ties, a smooth target for a tiny model."""
     vowels = sum(ch in "aeiou" for ch in c.lower())
@@ -85,19 +105,38 @@ def nan_reward(prompts: list[str], completions: list[list[str]]) -> list[list[fl
     return out
 
 
+GATE = "[[gate]]"
+
+
+def gated_vowel_reward(prompts: list[str], completions: list[list[str]]) -> Any:
+    """``vowel_reward`` as a float64 array (not float32-exact, unlike the artifact's rewards); a call
+    with a completion containing ``GATE`` first reads one line from the FIFO named by
+    ``$INFALIGN_TEST_GATE`` (a test holds a request in flight until it writes there)."""
+    import numpy as np
+
+    if any(GATE in c for group in completions for c in group):
+        with open(os.environ["INFALIGN_TEST_GATE"], encoding="utf-8") as fifo:
+            fifo.readline()
+    return np.asarray(vowel_reward(prompts, completions), dtype=np.float64)
+
+
 # switched on by tests through the module (import it as ``tiny_assets``, reward ``tiny_assets:...``)
-FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False}
+FAULTS: dict[str, int | bool | None] = {"interrupt_after": None, "nan": False, "signal": None}
 
 
 def faulty_reward(prompts: list[str], completions: list[list[str]]) -> list[list[float]]:
     """``vowel_reward`` with faults: after ``FAULTS["interrupt_after"]`` more calls the next one
-    raises KeyboardInterrupt (once); ``FAULTS["nan"]`` makes the first reward NaN."""
+    raises KeyboardInterrupt (once), or sends signal ``FAULTS["signal"]`` to this process if set;
+    ``FAULTS["nan"]`` makes the first reward NaN."""
     left = FAULTS["interrupt_after"]
     if isinstance(left, int) and not isinstance(left, bool):
         FAULTS["interrupt_after"] = left - 1
         if left <= 0:
             FAULTS["interrupt_after"] = None
-            raise KeyboardInterrupt
+            sig = FAULTS["signal"]
+            if sig is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), int(sig))
     out = vowel_reward(prompts, completions)
     if FAULTS["nan"]:
         out[0][0] = float("nan")

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "FAMILIES",
+    "RAW",
     "Chain",
     "Exp",
     "Identity",
@@ -37,6 +39,8 @@ __all__ = [
     "NegExp",
     "Tabulated",
     "Transform",
+    "auto_family",
+    "is_raw",
     "parse_transform",
     "transform_from_dict",
 ]
@@ -266,7 +270,21 @@ class Chain(Transform):
         return "|".join(str(s) for s in self.steps)
 
 
-_PARAMETRIC = {"exp": Exp, "negexp": NegExp}
+# The one registry of the one-parameter families: parse_transform, transform_from_dict and the
+# theory's best-t search (``exp:auto`` / ``negexp:auto``) all read it.
+FAMILIES: dict[str, type[Exp] | type[NegExp]] = {"exp": Exp, "negexp": NegExp}
+RAW = "raw"
+
+
+def is_raw(spec: object) -> bool:
+    """Whether a reward spec means the raw (uncalibrated) reward: None or ``"raw"`` (any case)."""
+    return spec is None or (isinstance(spec, str) and spec.strip().lower() == RAW)
+
+
+def auto_family(spec: str) -> type[Exp] | type[NegExp] | None:
+    """The family of an ``exp:auto`` / ``negexp:auto`` spec (any case), else None."""
+    name, _, arg = spec.strip().lower().partition(":")
+    return FAMILIES[name] if name in FAMILIES and arg == "auto" else None
 
 
 def parse_transform(spec: str | Transform) -> Transform:
@@ -287,8 +305,8 @@ def parse_transform(spec: str | Transform) -> Transform:
             return Identity()
         if name == "log":
             return Log(float(arg)) if arg else Log()
-        if name in _PARAMETRIC and arg:
-            return _PARAMETRIC[name](float(arg))
+        if name in FAMILIES and arg:
+            return FAMILIES[name](float(arg))
     except ValueError as err:
         raise ValueError(f"transform {spec!r}: {err}") from None
     raise ValueError(
@@ -305,8 +323,8 @@ def transform_from_dict(d: dict[str, Any]) -> Transform:
         return Identity()
     if name == "log":
         return Log(float(d.get("eps", 1e-12)))
-    if name in _PARAMETRIC:
-        return _PARAMETRIC[name](float(d["t"]))
+    if name in FAMILIES:
+        return FAMILIES[name](float(d["t"]))
     if name == "tabulated":
         return Tabulated(tuple(d["grid"]), tuple(d["values"]))
     if name == "chain":

@@ -14,20 +14,29 @@ Format ``hh``: the text up to and including the final ``Assistant:`` of an Anthr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from infalign.run.config import PromptSetConfig
 
-__all__ = ["hh_prompt", "hh_to_messages", "load_prompts"]
+__all__ = ["check_prompt_list", "hh_prompt", "hh_to_messages", "load_prompts", "prompts_sha256"]
 
 log = logging.getLogger(__name__)
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _DATASETS_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """SHA-256 of a prompt list (order included): of its JSON text, ``json.dumps(list(prompts),
+    ensure_ascii=False)`` in utf-8. The one key of a prompt set in artifacts, checkpoints and stage
+    manifests."""
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def hh_prompt(text: str, index: int = 0) -> str:
@@ -55,11 +64,29 @@ def hh_to_messages(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
+def check_prompt_list(prompts: Any, name: str = "prompts") -> list[str]:
+    """``prompts`` as a list of str: a non-empty list or tuple of strings, else ValueError naming
+    the first bad item (its index and type)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{name} must be a non-empty list of strings, got {prompts!r:.80}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name}[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    return list(prompts)
+
+
 def _read_jsonl_column(path: Path, column: str, limit: int | None) -> list[Any]:
     rows: list[Any] = []
     keys: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{str(path)!r} line {i + 1} is not UTF-8 text (byte {raw[err.start]:#04x} at "
+                    f"column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

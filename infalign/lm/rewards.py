@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,11 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from infalign.lm.prompts import check_prompt_list
 from infalign.run.config import RewardConfig
 
 __all__ = [
     "CallableReward",
     "HFRewardModel",
+    "RewardError",
     "RewardFn",
     "describe_reward",
     "load_reward",
@@ -59,13 +62,10 @@ def describe_reward(reward_fn: Any) -> str:
 
 def _check_inputs(prompts: Any, completions: Any) -> int:
     """Validate the (prompts, completions) structure; returns M."""
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a list of strings")
+    check_prompt_list(prompts)
     if not isinstance(completions, list) or len(completions) != len(prompts):
         n = len(completions) if isinstance(completions, list) else type(completions).__name__
         raise ValueError(f"completions must be a list of P={len(prompts)} lists, got {n}")
-    if not prompts:
-        raise ValueError("no prompts to score")
     M = len(completions[0]) if isinstance(completions[0], list) else -1
     for p, group in enumerate(completions):
         if not isinstance(group, list) or len(group) != M:
@@ -83,34 +83,80 @@ def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
+class RewardError(ValueError):
+    """The user's reward function failed (raised, exited, or returned something unusable)."""
+
+
+def _where(err: BaseException) -> str:
+    """``file:line`` of the innermost frame of an exception's traceback ('?' without one)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def _call(reward_fn: Any, prompts: list[str], completions: list[list[str]]) -> Any:
+    """``reward_fn(prompts, completions)``; an exception or ``sys.exit`` inside it becomes one
+    RewardError naming the function, the exception type, its message and where it was raised."""
+    desc = describe_reward(reward_fn)
+    try:
+        return reward_fn(prompts, completions)
+    except SystemExit as err:
+        raise RewardError(
+            f"reward {desc} called sys.exit({err.code!r}) at {_where(err)}; a reward must return "
+            "(P, M) numbers"
+        ) from None
+    except Exception as err:
+        raise RewardError(
+            f"reward {desc} raised {type(err).__name__}: {' '.join(str(err).split())} "
+            f"(at {_where(err)})"
+        ) from err
+
+
+def _as_float32(raw: Any, desc: str, P: int, M: int) -> torch.Tensor:
+    """A reward function's output as a float32 CPU tensor; RewardError for None, non-numbers and
+    finite values beyond float32's range (they would silently become inf)."""
+    if raw is None:
+        raise RewardError(f"reward {desc} returned None, expected (P={P}, M={M}) numbers")
+    try:
+        if isinstance(raw, torch.Tensor):
+            wide = raw.detach().to("cpu", torch.float64)
+        else:
+            wide = torch.as_tensor(np.asarray(raw, dtype=np.float64))
+    except (TypeError, ValueError) as err:
+        raise RewardError(
+            f"reward {desc} returned {type(raw).__name__} that is not a (P={P}, M={M}) array of "
+            f"numbers: {err}"
+        ) from None
+    huge = torch.isfinite(wide) & (wide.abs() > torch.finfo(torch.float32).max)
+    if huge.any():
+        i = tuple(int(j) for j in torch.nonzero(huge)[0])
+        raise RewardError(
+            f"reward {desc} is {wide[i].item():g} at index {list(i)}: it exceeds float32 "
+            f"(max {torch.finfo(torch.float32).max:.3g}); rescale the reward"
+        )
+    return wide.to(torch.float32)
+
+
 def score(reward_fn: Any, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
     """Rewards of every completion: a (P, M) float32 CPU tensor.
 
-    ValueError if the reward function returns another shape (expected vs got) or a non-finite value
-    (naming the prompt index, the completion index and both texts, truncated).
+    RewardError (a ValueError) in one line if the reward function raises or calls ``sys.exit``
+    (naming the exception and where), returns None, another shape (expected vs got), a value
+    beyond float32 or a non-finite value (naming the prompt index, the completion index and both
+    texts, truncated).
     """
     M = _check_inputs(prompts, completions)
     P = len(prompts)
-    raw = reward_fn(prompts, completions)
-    try:
-        if isinstance(raw, torch.Tensor):
-            out = raw.detach().to("cpu", torch.float32)
-        else:
-            out = torch.as_tensor(np.asarray(raw, dtype=np.float64), dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"reward {describe_reward(reward_fn)} returned {type(raw).__name__} that is not a "
-            f"(P={P}, M={M}) array of numbers: {err}"
-        ) from None
+    raw = _call(reward_fn, prompts, completions)
+    out = _as_float32(raw, describe_reward(reward_fn), P, M)
     if tuple(out.shape) != (P, M):
-        raise ValueError(
+        raise RewardError(
             f"reward {describe_reward(reward_fn)} returned shape {tuple(out.shape)}, "
             f"expected (P={P}, M={M})"
         )
     bad = ~torch.isfinite(out)
     if bad.any():
         p, m = (int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(
+        raise RewardError(
             f"reward {describe_reward(reward_fn)} is {out[p, m].item()} for prompt {p}, "
             f"completion {m} ({int(bad.sum())} non-finite in all): prompt={_short(prompts[p])}, "
             f"completion={_short(completions[p][m])}"
@@ -181,6 +227,34 @@ def _import(mod_name: str, spec: str) -> Any:
         ) from None
 
 
+def _refuse_new_weights(name: str, info: dict[str, Any]) -> None:
+    """ValueError if transformers initialised weights of the classifier afresh (``missing_keys``, or
+    ``mismatched_keys`` re-initialised for a new shape): e.g. a causal LM given as the reward model,
+    whose ``score`` head would be random."""
+    fresh = [str(k) for k in info.get("missing_keys") or ()]
+    fresh += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
+    if fresh:
+        shown = ", ".join(sorted(fresh)[:5]) + (
+            f" (+{len(fresh) - 5} more)" if len(fresh) > 5 else ""
+        )
+        raise ValueError(
+            f"reward.name={name!r} is not a trained sequence classifier: transformers initialised "
+            f"{shown} afresh (random); give a reward model with a trained head, or kind: callable"
+        )
+
+
+def _set_padding(tok: Any, model: Any, name: str) -> None:
+    """Right padding (EOS as pad if there is none) and left truncation, the model told the pad id."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"reward model tokenizer {name!r} has no pad or EOS token")
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"
+    tok.truncation_side = "left"
+
+
 class HFRewardModel:
     """A Hugging Face sequence-classification reward model.
 
@@ -222,25 +296,20 @@ class HFRewardModel:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 name, trust_remote_code=trust_remote_code
             )
-            self.model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, output_loading_info=True, **kwargs
+            )
         except Exception as err:
             raise ValueError(
                 f"cannot load reward model from {name!r}: {type(err).__name__}: {err}"
             ) from err
+        _refuse_new_weights(name, info)
         n_labels = int(getattr(self.model.config, "num_labels", 1))
         if not 0 <= label_index < n_labels:
             raise ValueError(
                 f"reward.label_index={label_index}: the model {name!r} has {n_labels} label(s)"
             )
-        tok = self.tokenizer
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ValueError(f"reward model tokenizer {name!r} has no pad or EOS token")
-            tok.pad_token = tok.eos_token
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = tok.pad_token_id
-        tok.padding_side = "right"
-        tok.truncation_side = "left"
+        _set_padding(self.tokenizer, self.model, name)
         self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
         self.max_length = max_length

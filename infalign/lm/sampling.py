@@ -41,6 +41,7 @@ __all__ = [
     "hf_sample",
     "make_sampler",
     "sample",
+    "sampler_logprobs",
 ]
 
 # backend -> (module, attribute); modules are imported only when their backend is asked for
@@ -96,6 +97,21 @@ def sample(
     return make_sampler(sampling)(
         model, tokenizer, prompts, num_samples, sampling, seed=seed, progress=progress
     )
+
+
+def sampler_logprobs(model: Any, gen: Generation, sampling: SamplingConfig) -> torch.Tensor:
+    """(B, T) ``log pi(y_t | x, y_<t)`` at ``sampling.temperature`` of ``gen``'s tokens under
+    ``model``, the model that sampled ``gen``: the sampler's own ``gen.logprobs`` when it has them,
+    else :func:`infalign.lm.scoring.token_logprobs` (0 after each completion's end either way)."""
+    from infalign.lm.scoring import token_logprobs
+
+    if gen.logprobs is not None:
+        return gen.logprobs
+    lp = token_logprobs(
+        model, gen, temperature=sampling.temperature, micro_batch_size=sampling.batch_size
+    )
+    assert isinstance(lp, torch.Tensor)
+    return lp
 
 
 def check_request(

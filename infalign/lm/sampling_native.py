@@ -110,8 +110,8 @@ class _GPT2:
         cfg = model.config
         if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
             return False
-        mods = [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj)]
-        mods += [m for b in model.transformer.h for m in (b.mlp.c_fc, b.mlp.c_proj)]
+        blocks: Any = model.transformer.h
+        mods = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         return all(type(m) is Conv1D for m in mods) and type(model.lm_head) is torch.nn.Linear
 
     def _layers(self, h: torch.Tensor, attend: Any) -> torch.Tensor:
@@ -202,7 +202,8 @@ class _HFDecoder:
                 f"sampling.backend='native': {type(model).__name__}.forward takes no KV cache; "
                 "use sampling.backend hf"
             )
-        self.model, self.kw, self.cache = model, kw, None
+        self.model, self.kw = model, kw
+        self.cache: Any = None
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def prefill(

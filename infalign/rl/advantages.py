@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from infalign.core.calibration import EmpiricalCalibration
-from infalign.core.transforms import Transform, parse_transform
+from infalign.core.transforms import Transform, is_raw, parse_transform
 
 __all__ = [
     "adaptive_beta",
@@ -134,7 +134,7 @@ def ctrl_reward(
         (P, M) float64 (calibrated) or the rewards' floating dtype (raw).
     """
     _check_2d(rewards, "rewards")
-    if transform is None or (isinstance(transform, str) and transform.strip().lower() == "raw"):
+    if is_raw(transform):
         return rewards if rewards.is_floating_point() else rewards.to(torch.float64)
     phi = parse_transform(transform)
     if calibration is None:

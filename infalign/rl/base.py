@@ -27,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from infalign.core.calibration import EmpiricalCalibration
-from infalign.core.transforms import Transform, parse_transform
+from infalign.core.transforms import RAW, Transform, is_raw, parse_transform
 from infalign.lm.models import Generation, derive_seed
+from infalign.lm.prompts import check_prompt_list
 from infalign.lm.rewards import RewardFn
 from infalign.lm.scoring import token_logprobs
 from infalign.rl import checkpoint as ckpt_io
@@ -36,6 +37,7 @@ from infalign.rl.checkpoint import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
 from infalign.rl.optim import make_accelerator, make_optimizer
 from infalign.rl.signals import Terminated, defer_interrupts, sigterm_raises
 from infalign.run.config import RLConfig, SamplingConfig
+from infalign.run.io import disk_errors
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -277,7 +279,8 @@ class CTRLTrainer:
         if not self.accelerator.is_main_process:
             return
         log.info("rl step %d: %s", metrics["rl/step"], json.dumps(metrics))
-        with open(self.out_dir / METRICS_FILE, "a") as f:
+        path = self.out_dir / METRICS_FILE
+        with disk_errors(path), open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log(metrics, step=int(metrics["rl/step"]))  # recipe key `tracking`
 
@@ -291,7 +294,7 @@ class CTRLTrainer:
             prompts=self.prompts,
             rl=self.rl,
             sampling=self.sampling,
-            transform="raw" if self.transform is None else str(self.transform),
+            transform=RAW if self.transform is None else str(self.transform),
             num_processes=self.accelerator.num_processes,
         )
         state["beta"] = self.beta
@@ -329,7 +332,7 @@ class CTRLTrainer:
         if ckpt is None:
             log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
             return False
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = ckpt_io.load_state(ckpt)
         ckpt_io.check_resumable(state, ckpt, self.rl, self.prompts)
         ckpt_io.load_weights(self.accelerator.unwrap_model(self.model), ckpt, self.is_peft)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -355,11 +358,7 @@ def _check_inputs(
     transform: Transform | None,
 ) -> tuple[list[Any], bool]:
     """Validate a trainer's inputs before any expensive work; returns (trainable params, is_peft)."""
-    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}, expected str")
+    check_prompt_list(prompts)
     if not callable(reward_fn):
         raise ValueError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
     if calibration is None and transform is not None:
@@ -379,7 +378,7 @@ def _check_inputs(
 
 
 def _parse(transform: Transform | str | None) -> Transform | None:
-    if transform is None or (isinstance(transform, str) and transform.strip().lower() == "raw"):
+    if is_raw(transform):
         return None
     try:
         return parse_transform(transform)

@@ -11,7 +11,6 @@ interrupted between its two renames leaves behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from infalign.lm.prompts import prompts_sha256
 from infalign.run.config import RLConfig, SamplingConfig, to_dict
+from infalign.run.io import atomic_write_text, disk_errors, read_jsonl
+from infalign.run.lock import remove_stale_checkpoint_tmp
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -31,6 +33,7 @@ __all__ = [
     "STATE_FILE",
     "check_resumable",
     "find_checkpoint",
+    "load_state",
     "load_weights",
     "restore_rng_state",
     "rng_state",
@@ -44,11 +47,6 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 # fields that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = {"steps", "save_every"}
-
-
-def prompts_sha256(prompts: Sequence[str]) -> str:
-    """SHA-256 of the NUL-joined training prompts (their order included)."""
-    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
 
 
 # --- RNG states ----------------------------------------------------------------------------------
@@ -123,17 +121,25 @@ def trainer_state(
 def write_checkpoint(
     out_dir: Path, model: Any, tokenizer: Any, state_dict: dict[str, Any], state: dict[str, Any]
 ) -> Path:
-    """Write ``out_dir/checkpoint`` atomically: a temp dir with the model (``save_pretrained`` of
-    ``state_dict``, safetensors), the tokenizer and ``trainer_state.pt``, then renamed into place
-    (the previous checkpoint goes to ``checkpoint.old`` in between and is removed after)."""
+    """Write ``out_dir/checkpoint`` atomically: a temp dir ``.checkpoint.tmp-<pid>`` with the model
+    (``save_pretrained`` of ``state_dict``, safetensors), the tokenizer and ``trainer_state.pt``, then
+    renamed into place (the previous checkpoint goes to ``checkpoint.old`` in between and is removed
+    after). A failed write (e.g. a full disk: a one-line ValueError) removes the temp dir and leaves
+    the previous checkpoint in place; temp dirs of dead processes are removed first."""
     final = out_dir / CHECKPOINT_DIR
     tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
     old = out_dir / f"{CHECKPOINT_DIR}.old"
+    remove_stale_checkpoint_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        with disk_errors(final):
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -150,6 +156,27 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     if not (ckpt / STATE_FILE).is_file():
         return None
     return ckpt
+
+
+def _corrupt(path: Path, err: BaseException) -> ValueError:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return ValueError(
+        f"resume: {str(path)!r} is corrupt or truncated ({type(err).__name__}: {first}); delete "
+        f"{str(path.parent)!r} to restart this training run from step 0"
+    )
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    """``ckpt/trainer_state.pt`` (``weights_only=True``); a corrupt file is a one-line ValueError
+    naming it and the remedy."""
+    f = ckpt / STATE_FILE
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, ... : torch raises many types
+        raise _corrupt(f, err) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise _corrupt(f, ValueError("no trainer state in it"))
+    return state
 
 
 def check_resumable(
@@ -173,21 +200,28 @@ def check_resumable(
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records of steps >= ``step`` (written after the checkpoint we resume from)."""
+    """Drop metric records of steps >= ``step`` (written after the checkpoint we resume from) and a
+    torn last line (a crash in the middle of an append); a bad line elsewhere is a ValueError naming
+    the file and the line."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("rl/step", -1) < step]
+    rows = read_jsonl(path, strict=False)
+    keep = [r for r in rows if r.get("rl/step", -1) < step]
+    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
     if len(keep) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def load_weights(model: Any, ckpt: Path, is_peft: bool) -> None:
     """Load the checkpoint's safetensors into ``model`` (the LoRA adapter only if ``is_peft``);
     ValueError on unexpected keys or on missing weights that are not tied to a loaded one."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load_file
+
+    def load_file(f: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load_file(f)
+        except Exception as err:  # SafetensorError (truncated header or data), OSError
+            raise _corrupt(Path(f), err) from None
 
     if is_peft:
         from peft import set_peft_model_state_dict

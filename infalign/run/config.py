@@ -201,8 +201,10 @@ class RLConfig:
             _fail(f"{path}.beta", self.beta, "must be > 0")
         if not 0 < self.target_kl <= 12:
             _fail(f"{path}.target_kl", self.target_kl, "must be in (0, 12] nats")
-        if self.steps < 0:
-            _fail(f"{path}.steps", self.steps, "must be >= 0")
+        if self.steps < 1:
+            _fail(
+                f"{path}.steps", self.steps, "must be >= 1 (a policy trained for 0 steps is pi_ref)"
+            )
         if self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1):
             _fail(f"{path}.samples_per_prompt", self.samples_per_prompt, "RLOO needs M >= 2")
         for name in ("prompts_per_step", "ppo_epochs", "grad_accum", "save_every"):
@@ -210,6 +212,10 @@ class RLConfig:
                 _fail(f"{path}.{name}", getattr(self, name), "must be >= 1")
         if not self.lr > 0:
             _fail(f"{path}.lr", self.lr, "must be > 0")
+        if not self.weight_decay >= 0:
+            _fail(f"{path}.weight_decay", self.weight_decay, "must be >= 0")
+        if not self.max_grad_norm > 0:
+            _fail(f"{path}.max_grad_norm", self.max_grad_norm, "must be > 0")
         if self.kl_target is not None:
             if not self.kl_target > 0:
                 _fail(f"{path}.kl_target", self.kl_target, "must be > 0 nats or null")
@@ -308,6 +314,8 @@ class RunConfig:
         from infalign.core.procedures import parse_procedure
         from infalign.run.tracking import check_trackers
 
+        if not str(self.out).strip():
+            _fail("out", self.out, "the run directory must be a non-empty path")
         check_trackers(self.tracking, "tracking")
         self.model.validate("model")
         if self.reference_model is not None:
@@ -351,12 +359,12 @@ class RunConfig:
 
 
 def _check_transform_spec(path: str, spec: str) -> None:
-    from infalign.core.transforms import parse_transform
+    from infalign.core.transforms import is_raw, parse_transform
     from infalign.theory import needs_theory, split_target
 
     try:
         split_target(spec)  # a malformed @KL pin is an error
-        if spec.strip() == "raw" or needs_theory(spec):
+        if is_raw(spec) or needs_theory(spec):
             return
         parse_transform(spec)
     except ValueError as err:

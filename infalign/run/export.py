@@ -27,15 +27,8 @@ from typing import Any
 
 from infalign.run.config import RunConfig
 from infalign.run.io import atomic_write_json, read_json
-from infalign.run.runs import (
-    MANIFEST,
-    _eval_cfg,
-    _stage_state,
-    _train_cfg,
-    eval_dir,
-    get_method,
-    train_dir,
-)
+from infalign.run.keys import eval_key, train_key
+from infalign.run.runs import MANIFEST, RunEnv, eval_dir, get_method, stage_state, train_dir
 
 __all__ = ["export_policy", "model_card", "register"]
 
@@ -48,16 +41,16 @@ def _require(cfg: RunConfig, method: str, beta: float) -> tuple[Path, Path]:
     a ValueError naming the command that makes them."""
     from infalign.rl.checkpoint import CHECKPOINT_DIR
 
-    m = get_method(cfg, method)
+    m, env = get_method(cfg, method), RunEnv(cfg)
     td, ed = train_dir(cfg, m.name, beta), eval_dir(cfg, m.name, beta)
     run = f"--method {m.name} --beta {beta!r}"
-    train_state = _stage_state(td, _train_cfg(cfg, m, beta), f"train/{m.name}")
+    train_state = stage_state(td, train_key(env, m, beta), f"train/{m.name}")
     if train_state != "done" or not (td / CHECKPOINT_DIR).is_dir():
         raise ValueError(
             f"export: no finished training run in {str(td)!r}; run `infalign train RECIPE {run}` "
             "(or `infalign run RECIPE`) first"
         )
-    eval_state = _stage_state(ed, _eval_cfg(cfg, m, beta), str(ed.relative_to(cfg.out)))
+    eval_state = stage_state(ed, eval_key(env, m, beta), str(ed.relative_to(cfg.out)))
     if eval_state != "done" or not (ed / "eval.json").is_file():
         raise ValueError(
             f"export: no finished evaluation in {str(ed)!r}; run `infalign evaluate RECIPE {run}` "
@@ -162,7 +155,7 @@ def export_policy(
     from transformers import AutoTokenizer
 
     from infalign.rl.checkpoint import CHECKPOINT_DIR
-    from infalign.run.pipeline import _load_checkpoint
+    from infalign.run.evaluate import load_policy
 
     betas = get_method(cfg, method).betas
     if beta is None and len(betas) != 1:
@@ -183,7 +176,7 @@ def export_policy(
         "git_commit": eval_manifest.get("git_commit"),
         "train_dir": str(td),
     }
-    model = _load_checkpoint(cfg, td / CHECKPOINT_DIR)  # a LoRA adapter is merged
+    model = load_policy(cfg, td / CHECKPOINT_DIR)  # a LoRA adapter is merged
     tokenizer = AutoTokenizer.from_pretrained(str(td / CHECKPOINT_DIR))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -22,15 +24,37 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "disk_errors",
     "git_commit",
     "read_json",
     "read_jsonl",
     "run_manifest",
+    "sha256_path",
+    "stat_key_current",
     "to_jsonable",
     "write_manifest",
 ]
 
 log = logging.getLogger(__name__)
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a full disk (``OSError`` ENOSPC / EDQUOT, or safetensors' wrapped form of it) while
+    writing ``path`` into a one-line ValueError naming the path and the remedy."""
+    try:
+        yield
+    except Exception as err:
+        full = isinstance(err, OSError) and err.errno in _FULL
+        full = full or "No space left" in str(err) or "StorageFull" in str(err)
+        if not full:
+            raise
+        raise ValueError(
+            f"no space left on the device while writing {str(path)!r}: free some space and rerun "
+            "the same command (finished stages and the last checkpoint are kept)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -58,7 +82,7 @@ def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with _atomic_path(path) as tmp:
+    with disk_errors(path), _atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -118,7 +142,7 @@ def atomic_save_safetensors(
             for k, v in metadata.items()
         }
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with _atomic_path(path) as tmp:
+    with disk_errors(path), _atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
@@ -132,7 +156,7 @@ def append_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
     text = "".join(
         json.dumps(to_jsonable(r), allow_nan=False, ensure_ascii=False) + "\n" for r in rows
     )
-    with open(p, "a", encoding="utf-8") as f:
+    with disk_errors(p), open(p, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -161,6 +185,43 @@ def read_jsonl(path: str | os.PathLike[str], strict: bool = True) -> list[Any]:
                 break
             raise ValueError(f"{str(p)!r} line {i + 1} is not valid JSON: {err}") from None
     return rows
+
+
+def _stat_key(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def stat_key_current(key: str) -> bool:
+    """Whether a :func:`sha256_path` cache key still describes its file (same size, mtime, inode)."""
+    path = Path(key.split("|", 1)[0])
+    return path.is_file() and _stat_key(path) == key
+
+
+def sha256_path(path: str | os.PathLike[str], cache: dict[str, str] | None = None) -> str:
+    """SHA-256 of a file's bytes, or of a directory: of the sorted (relative path, file hash) pairs of
+    every regular file below it (hidden files and directories skipped, e.g. ``.lock``, ``.git``).
+
+    ``cache``: ``{path|size|mtime_ns|inode: sha256}`` of files hashed before, read and extended, so
+    an unchanged multi-GB model is not read again (a file rewritten in place changes its mtime)."""
+    p = Path(path)
+    if p.is_file():
+        key = _stat_key(p) if cache is not None else ""
+        if cache is not None and key in cache:
+            return cache[key]
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if cache is not None:
+            cache[key] = h.hexdigest()
+        return h.hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{sha256_path(f, cache)}\n".encode())
+    return h.hexdigest()
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:

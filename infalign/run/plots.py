@@ -20,7 +20,7 @@ import numpy as np
 from infalign.run.io import atomic_write_bytes
 from infalign.theory import FrontierRow
 
-__all__ = ["frontier_table", "plot_frontier", "plot_winrate"]
+__all__ = ["TRAIN_PANELS", "frontier_table", "plot_frontier", "plot_training", "plot_winrate"]
 
 DPI = 120
 OPTIMUM_STYLE: dict[str, Any] = {"color": "black", "linestyle": "--", "linewidth": 1.6}
@@ -199,5 +199,39 @@ def plot_winrate(
         _winrate_panel(ax, rows, proc, curves.get(proc, {}), log_scale)
         kind = "standard win rate" if proc == "sample" else "inference-time win rate"
         ax.set_title(f"{proc}: measured {kind} vs KL")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+TRAIN_PANELS = (
+    ("rl/reward_calibrated", "calibrated reward C (policy samples)"),
+    ("rl/reward_transformed", "training reward Phi(C) (transformed)"),
+    ("rl/kl_seq", "KL per sequence [nats]"),
+)
+
+
+def plot_training(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
+    """Per-step training curves, one line per method x beta; None if there is nothing to plot."""
+    panels = [(k, t) for k, t in TRAIN_PANELS if any(k in m for v in runs.values() for m in v)]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=False):
+        for name, steps in runs.items():
+            pts = [
+                (m.get("rl/step", i), m[key]) for i, m in enumerate(steps) if _finite(m.get(key))
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=False), marker="." if len(pts) < 30 else None, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,12 +1,14 @@
 """Reading a recipe: YAML -> the shipped task's defaults -> dotted overrides (``--rl.beta 0.1``) ->
 the :class:`~infalign.run.config.RunConfig` dataclasses, each value coerced to its field's annotated
-type (:func:`coerce`), then validated. The dataclasses and their checks live in
+type (:func:`coerce`), then validated. An unreadable recipe (missing, a directory, not UTF-8,
+malformed YAML with line and column, not a mapping) is one ValueError naming the file. The dataclasses and their checks live in
 :mod:`infalign.run.config`; ``infalign config show|schema`` in :mod:`infalign.run.schema`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,7 +18,15 @@ import yaml
 
 from infalign.run.config import RunConfig, _fail, to_dict
 
-__all__ = ["apply_overrides", "coerce", "dump_config", "from_dict", "load_config"]
+__all__ = [
+    "apply_overrides",
+    "coerce",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "read_recipe",
+    "yaml_problem",
+]
 
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -38,6 +48,8 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
             out = tp(value)
         except (TypeError, ValueError):
             _fail(path, value, f"expected a number ({tp.__name__})")
+        if not math.isfinite(out):  # .inf / nan would pass every "> 0" check and break later
+            _fail(path, value, "expected a finite number")
         if tp is int and isinstance(value, float) and value != out:
             _fail(path, value, "expected an integer")
         return out
@@ -88,7 +100,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     """Set dotted keys (``rl.beta``) in a nested config dict; values given as strings are YAML-parsed."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for dotted, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError as err:
+            _fail(dotted, raw, f"not valid YAML ({yaml_problem(err)})")
         node = out
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -101,14 +116,41 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a recipe YAML, apply dotted overrides, build and validate the RunConfig."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"recipe {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_recipe(Path(path))
     if overrides:
         data = apply_overrides(data, overrides)
     cfg: RunConfig = from_dict(RunConfig, _apply_task(data))
     return cfg.validate()
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line, column)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{what}{where}"
+
+
+def read_recipe(p: Path) -> dict[str, Any]:
+    """The recipe file as a dict; ValueError naming the file when it is missing, a directory, not
+    UTF-8, not YAML or not a mapping."""
+    if p.is_dir():
+        raise ValueError(f"recipe {str(p)!r} is a directory, not a YAML file")
+    if not p.is_file():
+        raise ValueError(f"recipe {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {str(p)!r} is not UTF-8 text (byte offset {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {str(p)!r} is not valid YAML: {yaml_problem(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"recipe {str(p)!r}: expected a mapping of sections, got {type(data).__name__}"
+        )
+    return data
 
 
 def _apply_task(data: dict[str, Any]) -> dict[str, Any]:

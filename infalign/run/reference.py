@@ -16,7 +16,6 @@ appear atomically and the partial files are then removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ from tqdm.auto import tqdm
 
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.lm.models import Generation, derive_seed, encode_prompts
+from infalign.lm.prompts import check_prompt_list, prompts_sha256
 from infalign.lm.rewards import describe_reward, score
-from infalign.lm.sampling import sample
-from infalign.lm.scoring import token_logprobs
+from infalign.lm.sampling import sample, sampler_logprobs
 from infalign.rl.advantages import sequence_logprob
 from infalign.run.config import SamplingConfig, to_dict
 from infalign.run.io import (
@@ -41,8 +40,10 @@ from infalign.run.io import (
     read_jsonl,
     run_manifest,
 )
+from infalign.run.keys import reference_key
+from infalign.run.runs import SEED_KEYS, SPLITS, RunEnv, mark_stage, read_stage, reference_dir
 
-__all__ = ["ReferenceSet", "build_reference", "tie_fraction"]
+__all__ = ["ReferenceSet", "build_reference", "reference_stage", "tie_fraction"]
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,6 @@ def tie_fraction(rewards: torch.Tensor) -> float:
     tied[:, 1:] |= eq
     tied[:, :-1] |= eq
     return float(tied.float().mean(dim=1).mean())
-
-
-def _prompts_hash(prompts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -235,8 +232,7 @@ def build_reference(
     with a different request (K, sampling, seed, prompts, reward, chunking) is a ValueError.
     ``prompts_per_chunk`` defaults to ``max(1, sampling.batch_size // K)``.
     """
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
+    prompts = check_prompt_list(prompts)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"reference.num_samples={num_samples!r}: calibration needs K >= 2")
     sampling.validate("sampling")
@@ -252,7 +248,7 @@ def build_reference(
         "seed": int(seed),
         "sampling": to_dict(sampling),
         "num_prompts": len(prompts),
-        "prompts_sha256": _prompts_hash(prompts),
+        "prompts_sha256": prompts_sha256(prompts),
         "reward": describe_reward(reward_fn),
         "prompts_per_chunk": ppc,
         "model": getattr(getattr(model, "config", None), "_name_or_path", None) or "",
@@ -277,15 +273,7 @@ def build_reference(
                 model, tokenizer, ps, K, sampling, seed=derive_seed(seed, c), progress=False
             )
             rewards = score(reward_fn, ps, gen.texts)
-            lp = gen.logprobs  # the sampler's own log pi_ref when it has them (native)
-            if lp is None:
-                lp = token_logprobs(
-                    model,
-                    gen,
-                    temperature=sampling.temperature,
-                    micro_batch_size=sampling.batch_size,
-                )
-                assert isinstance(lp, torch.Tensor)
+            lp = sampler_logprobs(model, gen, sampling)
             seq_lp = sequence_logprob(lp.double().cpu(), gen.completion_mask).view(len(ps), K)
             comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
             new = [
@@ -346,10 +334,15 @@ def _resume(d: Path, request: dict[str, Any], ppc: int) -> list[dict[str, Any]]:
         rows_path.unlink(missing_ok=True)
         atomic_write_json(meta_path, request)
         return []
-    _check_meta(read_json(meta_path), request, meta_path)
-    if not rows_path.is_file():
+    try:
+        found = read_json(meta_path)
+        rows = read_jsonl(rows_path, strict=False) if rows_path.is_file() else []
+    except ValueError as err:  # a corrupt partial file: its chunks cannot be trusted
+        raise ValueError(f"{err}; delete it to sample its chunks again") from None
+    _check_meta(found, request, meta_path)
+    if not rows:  # (a torn first row is dropped with the file)
+        rows_path.unlink(missing_ok=True)
         return []
-    rows = read_jsonl(rows_path, strict=False)
     n = request["num_prompts"]
     by_chunk: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
@@ -364,3 +357,38 @@ def _resume(d: Path, request: dict[str, Any], ppc: int) -> list[dict[str, Any]]:
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
         atomic_write_text(rows_path, body)
     return keep
+
+
+def reference_stage(env: RunEnv, split: str) -> ReferenceSet:
+    """The reference artifact of ``split`` in the run directory: reused when finished under the same
+    stage key, else built (or resumed) under the stage lock with K = ``reference.num_samples``
+    (train) or ``evaluate.reference_samples`` (test) and seed ``derive_seed(seed, 1 | 2)``."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    if split in env.refs:
+        return env.refs[split]
+    cfg, d, what = env.cfg, reference_dir(env.cfg, split), f"reference/{split}"
+    key = reference_key(env, split)
+    if env.open_stage(d, key, what, FINAL_META) == "done":
+        log.info("%s: reusing the finished artifact in %s", what, d)
+        env.refs[split] = read_stage(what, d, lambda: ReferenceSet.load(d))
+        return env.refs[split]
+    k = cfg.reference.num_samples if split == "train" else cfg.evaluate.reference_samples
+    seed = derive_seed(cfg.seed, SEED_KEYS[split])
+    log.info("%s: sampling K=%d per prompt into %s", what, k, d)
+    mark_stage(d, key, seed, what, "running")
+    ref = build_reference(
+        env.reference_model(),
+        env.tokenizer(),
+        env.prompts(split),
+        env.reward(),
+        cfg.sampling,
+        k,
+        d,
+        seed,
+    )
+    summary = {k: ref.meta.get(k) for k in ("num_prompts", "num_samples", "tie_fraction")}
+    summary["mean_reward"] = ref.meta.get("mean_reward")
+    mark_stage(d, key, seed, what, "done", summary=summary)
+    env.refs[split] = ref
+    return ref

@@ -1,45 +1,65 @@
-"""Run-directory bookkeeping for :mod:`infalign.run.pipeline`: names and paths under ``cfg.out``, the
-method sweep, the shared lazily loaded resources of one command (:class:`_Env`), :func:`preflight`,
-the cleanup guard for failed commands, stage configs (the part of the RunConfig that determines each
-artifact), and stage manifests: reading a stage's state (``new`` / ``running`` / ``done``, or a
-ValueError naming the first differing field), writing it, and checking a command's whole plan first.
+"""The stage store: the run directory under ``cfg.out`` as a safe store of stage artifacts.
+
+Public API for the stages (:mod:`infalign.run.pipeline`, :mod:`~infalign.run.train`,
+:mod:`~infalign.run.evaluate`, :mod:`~infalign.run.results`): names and paths, the method sweep,
+:class:`RunEnv` (the shared lazily loaded resources of one command, its stage locks, the content
+hashes of its inputs), :func:`preflight`, :func:`command_scope` (cleanup after a failure, lock
+release), the stage keys (the part of the config and the inputs' content that determines each
+artifact), :func:`stage_state` / :meth:`RunEnv.open_stage` / :func:`mark_stage` (reading, locking and
+writing a stage's manifest: ``new`` / ``running`` / ``done``, or a ValueError naming the first
+differing field or the changed input file) and :func:`check_plan` (every stage of a command, first).
 
 Nothing here loads a model or samples; the layout and the reuse rules are described in
-:mod:`infalign.run.pipeline`.
+:mod:`infalign.run.pipeline`, the promises in ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
+import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from infalign.run.config import MethodConfig, ModelConfig, RunConfig, to_dict
-from infalign.run.io import atomic_write_text, read_json, to_jsonable, write_manifest
+from infalign.run.config import MethodConfig, RunConfig, to_dict
+from infalign.run.inputs import check_paths, input_hashes, input_label, save_hash_cache
+from infalign.run.io import atomic_write_text, read_json, write_manifest
+from infalign.run.keys import config_diff, eval_key, plain, reference_key, train_key
+from infalign.run.lock import LOCK_FILE, StageLock, lock_stage
 from infalign.run.recipe import dump_config
-from infalign.theory import needs_theory, split_target
 
 __all__ = [
     "MANIFEST",
     "REFERENCE_ROW",
+    "SEED_KEYS",
     "SPLITS",
+    "RunEnv",
     "beta_name",
+    "check_plan",
+    "command_scope",
+    "config_diff",
     "eval_dir",
+    "eval_key",
     "get_method",
+    "mark_stage",
     "preflight",
+    "read_stage",
     "reference_dir",
+    "reference_key",
+    "stage_state",
     "sweep",
     "train_dir",
+    "train_key",
+    "write_run_files",
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPLITS = ("train", "test")
+SEED_KEYS = {"train": 1, "test": 2, "eval": 3}  # derive_seed(seed, k): reference train/test, eval
 REFERENCE_ROW = "reference"
 MANIFEST = "manifest.json"
 # files that are no work worth keeping when a command fails (everything else is resumable)
@@ -94,8 +114,9 @@ def get_method(cfg: RunConfig, name: str) -> MethodConfig:
 # --- shared resources, preflight, cleanup -------------------------------------------------------
 
 
-class _Env:
-    """Lazily loaded resources shared by the stages of one command, and the directories it made."""
+class RunEnv:
+    """Lazily loaded resources shared by the stages of one command, the directories it made, the
+    stage locks it holds and the content hashes of its inputs (:meth:`inputs`)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -103,8 +124,11 @@ class _Env:
         self._reward: Any = None
         self._ref_model: Any = None
         self._prompts: dict[str, list[str]] = {}
+        self._inputs: dict[str, str] | None = None
+        self.hash_cache: dict[str, str] = {}  # file hashes (infalign.run.inputs.HASH_CACHE)
         self.refs: dict[str, Any] = {}  # split -> ReferenceSet
         self.created: list[Path] = []
+        self.locks: list[StageLock] = []
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -137,60 +161,62 @@ class _Env:
             self._ref_model = load_model(self.cfg.reference_model_or_policy, trainable=False)
         return self._ref_model
 
+    def inputs(self) -> dict[str, str]:
+        """``{input: sha256}`` of the local inputs (:func:`~infalign.run.inputs.input_hashes`)."""
+        if self._inputs is None:
+            self._inputs = input_hashes(self)
+        return self._inputs
+
     def mkdir(self, path: Path) -> None:
         missing = [p for p in (path, *path.parents) if not p.exists()]
         path.mkdir(parents=True, exist_ok=True)
         self.created.extend(reversed(missing))
 
-
-def _fail(path: str, value: Any, why: str) -> None:
-    raise ValueError(f"config {path}={value!r}: {why}")
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _check_model_paths(path: str, m: ModelConfig) -> None:
-    for key in ("name", "tokenizer"):
-        value = getattr(m, key)
-        if value and not Path(value).expanduser().exists() and _looks_local(value):
-            _fail(f"{path}.{key}", value, "no such file or directory")
-    local = Path(m.name).expanduser()
-    if m.gguf_file and local.is_dir() and not (local / m.gguf_file).is_file():
-        _fail(f"{path}.gguf_file", m.gguf_file, f"no such file in {m.name!r}")
+    def open_stage(self, d: Path, key: dict[str, Any], what: str, artifact: str) -> str:
+        """``done`` (finished with this key and ``d/artifact`` exists: reuse it), else lock ``d``
+        for this command (held until it ends; :func:`command_scope`) and return ``new`` or
+        ``running`` (resume). ValueError if ``d`` was made with another key or is locked."""
+        if stage_state(d, key, what) == "done" and (d / artifact).exists():
+            return "done"
+        self.mkdir(d)
+        lock = lock_stage(d, what)
+        state = stage_state(d, key, what)  # another command may have finished it meanwhile
+        if state == "done" and (d / artifact).exists():
+            lock.release()
+            return "done"
+        self.locks.append(lock)
+        return "running" if state == "done" else state  # done, but its artifact is gone
 
 
-def preflight(cfg: RunConfig) -> _Env:
+def preflight(cfg: RunConfig) -> RunEnv:
     """Every check that needs no model and writes nothing: the config (again), the paths it names,
     method names, the reward function (imported), both prompt sets (read: empty sets, missing
     columns, too-long prompts are errors here). Returns the shared resources for the stages."""
     cfg.validate()
-    _check_model_paths("model", cfg.model)
-    if cfg.reference_model is not None:
-        _check_model_paths("reference_model", cfg.reference_model)
-    for split in SPLITS:
-        src = getattr(cfg.prompts, split).source
-        if not src.startswith("hf:") and not Path(src).expanduser().exists():
-            _fail(f"prompts.{split}.source", src, "no such file or directory")
-    if cfg.reward.kind == "hf" and _looks_local(cfg.reward.name):
-        if not Path(cfg.reward.name).expanduser().exists():
-            _fail("reward.name", cfg.reward.name, "no such file or directory")
-    env = _Env(cfg)
+    check_paths(cfg)
+    env = RunEnv(cfg)
     if cfg.reward.kind == "callable":
         env.reward()
     for split in SPLITS:
         env.prompts(split)
+    env.inputs()
     return env
 
 
 def _only_bookkeeping(d: Path) -> bool:
-    return all(p.is_dir() or p.name in _BOOKKEEPING or p.name.startswith(".") for p in d.rglob("*"))
+    """No resumable work below ``d``, and no stage another live command holds."""
+    for p in d.rglob("*"):
+        if p.name == LOCK_FILE and p.read_text().strip() not in ("", str(os.getpid())):
+            return False
+        if not (p.is_dir() or p.name in _BOOKKEEPING or p.name.startswith(".")):
+            return False
+    return True
 
 
 @contextlib.contextmanager
-def _guard(env: _Env) -> Iterator[None]:
-    """On an error, remove the directories this command created that hold no resumable work."""
+def command_scope(env: RunEnv) -> Iterator[None]:
+    """The extent of one command: on an error, remove the directories it created that hold no
+    resumable work; at the end, release its stage locks."""
     try:
         yield
     except Exception:
@@ -199,171 +225,88 @@ def _guard(env: _Env) -> Iterator[None]:
                 shutil.rmtree(d, ignore_errors=True)
                 log.info("removed %s (unfinished, nothing to resume)", d)
         raise
+    finally:
+        for lock in env.locks:
+            lock.release()
+        env.locks.clear()
 
 
 # --- stage manifests ---------------------------------------------------------------------------
 
-_UNSET = "<unset>"
+
+def _read_manifest(d: Path, what: str) -> dict[str, Any]:
+    try:
+        found = read_json(d / MANIFEST)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}; delete {str(d)!r} to rebuild this stage") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{what}: {str(d / MANIFEST)!r} is not a JSON object; delete {str(d)!r}")
+    return found
 
 
-def _plain(x: Any) -> Any:
-    return json.loads(json.dumps(to_jsonable(x)))
-
-
-def _section_defaults() -> dict[str, Any]:
-    """``{"section.field": default}`` for every field of the RunConfig's sections."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        tp = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if tp is None or not dataclasses.is_dataclass(tp):
-            continue
-        for g, v in to_dict(tp()).items():
-            out[f"{f.name}.{g}"] = v
-    return out
-
-
-_DEFAULTS = _section_defaults()
-
-
-def _new_default(key: str, value: Any) -> bool:
-    """A key that a newer infalign added, at its default: ``<section>.<field>`` (the last two parts
-    of the dotted key) holds the dataclass default. Old manifests lack it and stay reusable."""
-    tail = ".".join(key.split(".")[-2:])
-    return tail in _DEFAULTS and _plain(_DEFAULTS[tail]) == value
-
-
-def _first_diff(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            path = f"{key}.{k}" if key else k
-            if k not in old and _new_default(path, new[k]):
-                continue
-            d = _first_diff(old.get(k, _UNSET), new.get(k, _UNSET), path)
-            if d is not None:
-                return d
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            d = _first_diff(a, b, f"{key}[{i}]")
-            if d is not None:
-                return d
-        return None
-    return None if old == new else (key, old, new)
-
-
-def _stage_state(d: Path, stage_cfg: dict[str, Any], what: str) -> str:
+def stage_state(d: Path, key: dict[str, Any], what: str) -> str:
     """``new`` (no manifest), ``running`` (unfinished) or ``done``; ValueError if the directory was
-    made with a different stage config, naming the first differing field."""
+    made with a different stage key, naming the first differing field (or the changed input file)."""
     if not (d / MANIFEST).is_file():
         return "new"
-    found = read_json(d / MANIFEST)
-    diff = _first_diff(found.get("config"), _plain(stage_cfg))
+    found = _read_manifest(d, what)
+    diff = config_diff(found.get("config"), plain(key))
     if diff is not None:
-        key, old, new = diff
+        field, old, new = diff
+        head, sep, name = field.rpartition("inputs.")
+        if sep and "." not in head.rstrip("."):  # inputs.NAME or train.inputs.NAME
+            label = input_label(key.get(head.rstrip("."), {}) if head else key, name)
+            raise ValueError(
+                f"{what}: the content of {label} changed since {str(d)!r} was made (sha256 "
+                f"{str(old)[:12]} -> {str(new)[:12]}); use another out (--out DIR) or delete "
+                f"{str(d)!r} to rebuild it"
+            )
         raise ValueError(
-            f"{what}: {str(d)!r} was made with {key}={old!r} but this config has {key}={new!r}; "
+            f"{what}: {str(d)!r} was made with {field}={old!r} but this config has {field}={new!r}; "
             f"use another out (--out DIR) or delete {str(d)!r}"
         )
     return "done" if found.get("status") == "done" else "running"
 
 
-def _write_stage(
-    d: Path, stage_cfg: dict[str, Any], seed: int, what: str, status: str, **kw: Any
-) -> None:
-    write_manifest(d, _plain(stage_cfg), seed, stage=what, status=status, **kw)
+def read_stage(what: str, d: Path, load: Callable[[], T]) -> T:
+    """``load()`` of a finished stage's artifact; a ValueError it raises (a corrupt or truncated
+    file, named by the loader) gets the remedy: delete the stage directory to rebuild it."""
+    try:
+        return load()
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}; delete {str(d)!r} to rebuild this stage") from None
 
 
-def _check_plan(
-    cfg: RunConfig,
+def mark_stage(d: Path, key: dict[str, Any], seed: int, what: str, status: str, **kw: Any) -> None:
+    """Write the stage manifest of ``d``: its key, seed, ``status`` (running | done), versions."""
+    write_manifest(d, plain(key), seed, stage=what, status=status, **kw)
+
+
+def check_plan(
+    env: RunEnv,
     splits: Sequence[str] = (),
     train: Sequence[tuple[MethodConfig, float]] = (),
     evals: Sequence[tuple[MethodConfig | None, float | None]] = (),
 ) -> None:
     """Check every stage a command will touch against its directory before anything is written or
-    loaded, so a conflicting config fails at once, not after hours of earlier stages."""
+    loaded, so a conflicting config or a changed input fails at once, not after hours of work."""
+    cfg = env.cfg
     for s in splits:
-        _stage_state(reference_dir(cfg, s), _reference_cfg(cfg, s), f"reference/{s}")
+        stage_state(reference_dir(cfg, s), reference_key(env, s), f"reference/{s}")
     for m, b in train:
-        _stage_state(train_dir(cfg, m.name, b), _train_cfg(cfg, m, b), f"train/{m.name}")
+        stage_state(train_dir(cfg, m.name, b), train_key(env, m, b), f"train/{m.name}")
     for em, eb in evals:
         d = eval_dir(cfg, None if em is None else em.name, eb)
-        _stage_state(d, _eval_cfg(cfg, em, eb), str(d.relative_to(cfg.out)))
-
-
-# --- stage configs ------------------------------------------------------------------------------
-
-
-def _model_key(m: ModelConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(m).items() if k != "device"}
-
-
-def _reward_key(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg.reward).items() if k not in ("device", "batch_size")}
-
-
-def _ref_model_key(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.reference_model is None:
-        return {"model": _model_key(cfg.model)}
-    return {"reference_model": _model_key(cfg.reference_model)}
-
-
-def _reference_cfg(cfg: RunConfig, split: str) -> dict[str, Any]:
-    """Stage config of ``reference/<split>``, keyed by the config's own dotted paths."""
-    k = (
-        {"reference": {"num_samples": cfg.reference.num_samples}}
-        if split == "train"
-        else {"evaluate": {"reference_samples": cfg.evaluate.reference_samples}}
-    )
-    return {
-        "seed": cfg.seed,
-        **_ref_model_key(cfg),
-        "reward": _reward_key(cfg),
-        "prompts": {split: to_dict(getattr(cfg.prompts, split))},
-        "sampling": to_dict(cfg.sampling),
-        **k,
-    }
-
-
-def _train_cfg(cfg: RunConfig, method: MethodConfig, beta: float) -> dict[str, Any]:
-    """Stage config of ``train/<method>/beta=<b>``, keyed by the config's own dotted paths
-    (``rl.beta`` and ``rl.transform`` are the method's)."""
-    rl = dataclasses.replace(cfg.rl, beta=float(beta), transform=method.transform)
-    rl.validate("rl")
-    rl_d = {k: v for k, v in to_dict(rl).items() if k != "target_kl"}
-    out: dict[str, Any] = {
-        "method": method.name,
-        "seed": cfg.seed,
-        "model": _model_key(cfg.model),
-        **_ref_model_key(cfg),
-        "reward": _reward_key(cfg),
-        "prompts": {"train": to_dict(cfg.prompts.train)},
-        "sampling": to_dict(cfg.sampling),
-        "reference": to_dict(cfg.reference),
-        "rl": rl_d,
-    }
-    if needs_theory(method.transform):  # the transform is resolved for this procedure and KL
-        if split_target(method.transform)[1] is None:  # (exp:auto@KL carries its own KL)
-            out["rl"]["target_kl"] = cfg.rl.target_kl
-        out["report"] = {"procedure": cfg.report.procedure}
-    return out
-
-
-def _eval_cfg(cfg: RunConfig, method: MethodConfig | None, beta: float | None) -> dict[str, Any]:
-    """Stage config of an eval dir: the policy's (pi_ref's model or the train stage config), the
-    test reference artifact's and the ``evaluate`` section."""
-    if method is None:
-        policy: dict[str, Any] = {"policy": "reference", **_ref_model_key(cfg)}
-    else:
-        assert beta is not None
-        policy = {"policy": "trained", "train": _train_cfg(cfg, method, beta)}
-    return {**policy, **_reference_cfg(cfg, "test"), "evaluate": to_dict(cfg.evaluate)}
+        stage_state(d, eval_key(env, em, eb), str(d.relative_to(cfg.out)))
 
 
 # --- run files ----------------------------------------------------------------------------------
 
 
-def _write_run_files(env: _Env, command: str) -> None:
+def write_run_files(env: RunEnv, command: str) -> None:
+    """``config.yaml`` and ``manifest.json`` of the run directory (the latest command's)."""
     out = Path(env.cfg.out)
     env.mkdir(out)
     atomic_write_text(out / "config.yaml", dump_config(env.cfg))
+    save_hash_cache(env)
     write_manifest(out, to_dict(env.cfg), env.cfg.seed, command=command)

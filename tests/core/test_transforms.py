@@ -24,6 +24,7 @@ from infalign.core.transforms import (
     NegExp,
     Tabulated,
     Transform,
+    is_raw,
     parse_transform,
     transform_from_dict,
 )
@@ -347,3 +348,16 @@ def test_tabulated_grid_finer_than_float32():
 def test_tabulated_rejects_bad_tables(grid, values, match):
     with pytest.raises(ValueError, match=match):
         Tabulated(grid, values)
+
+
+def test_raw_is_one_check_in_any_case():
+    """None and "raw" in any case or padding mean the raw reward, everywhere (config, pipeline,
+    trainer, advantages, TRL): the config check was case-sensitive and refused "Raw"."""
+    from tiny_assets import RECIPE
+
+    from infalign.run.recipe import load_config
+
+    assert is_raw(None) and is_raw("raw") and is_raw(" Raw ") and is_raw("RAW")
+    assert not is_raw("identity") and not is_raw(Identity()) and not is_raw("raw:1")
+    cfg = load_config(RECIPE, {"methods": "[{name: m, transform: Raw}]"})
+    assert cfg.methods[0].transform == "Raw"

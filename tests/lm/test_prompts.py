@@ -115,3 +115,23 @@ def test_chat_template(tmp_path, tiny_lm):
     assert out[1] == "<user>Hi\n<assistant>Hello!\n<user>Tell me a story.\n<assistant>"
     plain = PromptSetConfig(source=src, column="chosen", chat_template=True, limit=1)
     assert load_prompts(plain, tok)[0].startswith("<user>\n\nHuman: What")
+
+
+def test_a_non_utf8_prompts_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl' line 2 is not UTF-8 text \(byte 0xe9"):
+        load_prompts(PromptSetConfig(source=str(path)))
+
+
+def test_one_prompt_list_check_everywhere():
+    from infalign.lm.prompts import check_prompt_list
+
+    assert check_prompt_list(("a", "b")) == ["a", "b"]
+    for bad, why in [
+        ([], "non-empty list"),
+        ("abc", "non-empty list"),
+        (["a", 3], r"\[1\] is int"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            check_prompt_list(bad)

@@ -1,5 +1,7 @@
 """Reward functions: HF sequence classifier, callables, shape and finiteness checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +123,38 @@ def test_score_truncates_long_text_in_error():
     with pytest.raises(ValueError) as err:
         score(CallableReward("reward_fns:nan_reward"), [long], [["a", long]])
     assert "..." in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_reward_that_raises_is_one_line_naming_type_message_and_place():
+    with pytest.raises(ValueError) as err:
+        score(CallableReward("reward_fns:failing_reward"), PROMPTS, COMPS)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "reward callable:reward_fns:failing_reward raised Boom: reward backend crashed" in msg
+    assert "reward_fns.py:" in msg  # the file and line where it was raised
+    line = int(msg.rsplit("reward_fns.py:", 1)[1].rstrip(")"))
+    src = (Path(__file__).parents[1] / "reward_fns.py").read_text().splitlines()
+    assert "raise Boom" in src[line - 1]
+
+
+def test_a_reward_that_calls_sys_exit_is_reported_not_obeyed():
+    with pytest.raises(ValueError, match=r"reward_fns:exiting_reward called sys.exit\(3\)"):
+        score(CallableReward("reward_fns:exiting_reward"), PROMPTS, COMPS)
+
+
+def test_a_none_reward_says_none_and_names_the_function():
+    with pytest.raises(ValueError, match=r"reward callable:reward_fns:none_reward returned None"):
+        score(CallableReward("reward_fns:none_reward"), PROMPTS, COMPS)
+
+
+def test_a_reward_beyond_float32_says_so():
+    with pytest.raises(ValueError, match=r"1e\+300 at index \[0, 0\]: it exceeds float32"):
+        score(CallableReward("reward_fns:huge_reward"), PROMPTS, COMPS)
+
+
+def test_a_causal_lm_is_refused_as_reward_model_naming_the_fresh_head(tiny_lm_dir):
+    """A causal LM loads as a sequence classifier with a random ``score`` head: refuse it."""
+    with pytest.raises(ValueError, match=r"not a trained sequence classifier: .*score\.weight"):
+        HFRewardModel(str(tiny_lm_dir), device="cpu")
+    with pytest.raises(ValueError, match=r"score\.weight"):
+        load_reward(RewardConfig(kind="hf", name=str(tiny_lm_dir), device="cpu"))

@@ -15,7 +15,8 @@ from scipy import stats
 from infalign.lm import sampling_native
 from infalign.lm.sampling import make_sampler, sample
 from infalign.lm.scoring import token_logprobs
-from infalign.run.config import SamplingConfig, from_dict
+from infalign.run.config import SamplingConfig
+from infalign.run.recipe import from_dict
 
 PROMPTS = ["The cat", "Human: What is two plus two? Assistant:", "x"]
 BACKENDS = ["hf", "native"]
@@ -134,7 +135,8 @@ def test_native_gpt2_path_equals_the_model_forward_path(eos_heavy, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "over", [{"top_k": 5}, {"top_p": 0.7}, {"top_k": 50, "top_p": 0.9}, {"top_p": 0.05}]
+    "over",
+    [{"top_k": 5}, {"top_p": 0.7}, {"top_k": 50, "top_p": 0.9}, {"top_p": 0.05}, {"top_p": 1e-9}],
 )
 def test_warp_matches_transformers_warpers(over):
     from transformers import TopKLogitsWarper, TopPLogitsWarper

@@ -15,7 +15,10 @@ from tiny_assets import write_tiny_assets
 from infalign import theory
 from infalign.run import pipeline
 from infalign.run.config import MethodConfig
+from infalign.run.keys import config_diff, train_key
 from infalign.run.recipe import load_config
+from infalign.run.runs import RunEnv, beta_name
+from infalign.run.train import resolve_transform
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -47,14 +50,14 @@ def _cfg(assets, out, **over):
 
 def test_first_diff_names_the_dotted_field():
     old = {"rl": {"beta": 0.1, "steps": 3}, "prompts": {"train": {"limit": None}}, "p": [1, 2]}
-    assert pipeline._first_diff(old, old) is None
-    assert pipeline._first_diff(old, {**old, "rl": {"beta": 0.2, "steps": 3}}) == (
+    assert config_diff(old, old) is None
+    assert config_diff(old, {**old, "rl": {"beta": 0.2, "steps": 3}}) == (
         "rl.beta",
         0.1,
         0.2,
     )
-    assert pipeline._first_diff(old, {**old, "p": [1, 3]}) == ("p[1]", 2, 3)
-    assert pipeline._first_diff(old, {**old, "new": 1})[0] == "new"
+    assert config_diff(old, {**old, "p": [1, 3]}) == ("p[1]", 2, 3)
+    assert config_diff(old, {**old, "new": 1})[0] == "new"
 
 
 def test_a_key_added_later_at_its_default_keeps_old_stages_reusable():
@@ -63,40 +66,40 @@ def test_a_key_added_later_at_its_default_keeps_old_stages_reusable():
         "rl": {"beta": 0.1, "onpolicy_samples": 0},
         "train": {"rl": {"beta": 0.1, "algorithm": "rloo"}},
     }
-    assert pipeline._first_diff(old, new) is None
+    assert config_diff(old, new) is None
     changed = {**new, "rl": {"beta": 0.1, "onpolicy_samples": 4}}
-    assert pipeline._first_diff(old, changed) == ("rl.onpolicy_samples", "<unset>", 4)
+    assert config_diff(old, changed) == ("rl.onpolicy_samples", "<unset>", 4)
 
 
 def test_beta_dir_names_round_trip():
     for b in (0.1, 0.05, 1.0, 1e-5, 0.123456789):
-        name = pipeline.beta_name(b)
+        name = beta_name(b)
         assert float(name.removeprefix("beta=")) == b
-    assert pipeline.beta_name(0.1) == "beta=0.1"
+    assert beta_name(0.1) == "beta=0.1"
 
 
 def test_resolve_transforms(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "r", **{"rl.target_kl": 0.3, "report.procedure": "won:4"})
-    tf, info = pipeline._resolve(cfg, MethodConfig("m", "negexp:auto"))
+    tf, info = resolve_transform(cfg, MethodConfig("m", "negexp:auto"))
     assert info["t"] == pytest.approx(theory.best_t("negexp", "won:4", 0.3))
     assert info["procedure"] == "won:4" and info["target_kl"] == 0.3
     assert info["theory_beta"] == pytest.approx(theory.beta_for_kl(tf, 0.3))
-    tf, info = pipeline._resolve(cfg, MethodConfig("m", "optimal"))
+    tf, info = resolve_transform(cfg, MethodConfig("m", "optimal"))
     assert info["transform"]["name"] == "tabulated" and info["resolved"].startswith("tabulated")
-    tf, info = pipeline._resolve(cfg, MethodConfig("m", "raw"))
+    tf, info = resolve_transform(cfg, MethodConfig("m", "raw"))
     assert tf is None and info["resolved"] == "raw"
-    tf, info = pipeline._resolve(cfg, MethodConfig("m", "exp:3"))
+    tf, info = resolve_transform(cfg, MethodConfig("m", "exp:3"))
     assert info["resolved"] == str(tf) and "procedure" not in info
     # the stage config records the procedure and KL only where they change the transform
-    assert "report" in pipeline._train_cfg(cfg, MethodConfig("m", "optimal"), 0.1)
-    assert "report" not in pipeline._train_cfg(cfg, MethodConfig("m", "exp:3"), 0.1)
+    assert "report" in train_key(RunEnv(cfg), MethodConfig("m", "optimal"), 0.1)
+    assert "report" not in train_key(RunEnv(cfg), MethodConfig("m", "exp:3"), 0.1)
     # a pinned KL (exp:auto@KL) wins over rl.target_kl, and rl.target_kl leaves its stage key alone
-    tf, info = pipeline._resolve(cfg, MethodConfig("m", "negexp:auto@1.5"))
+    tf, info = resolve_transform(cfg, MethodConfig("m", "negexp:auto@1.5"))
     assert info["target_kl"] == 1.5
     assert info["t"] == pytest.approx(theory.best_t("negexp", "won:4", 1.5))
     pinned = MethodConfig("m", "negexp:auto@1.5")
     other = _cfg(assets, tmp_path / "r", **{"rl.target_kl": 0.8, "report.procedure": "won:4"})
-    assert pipeline._train_cfg(cfg, pinned, 0.1) == pipeline._train_cfg(other, pinned, 0.1)
+    assert train_key(RunEnv(cfg), pinned, 0.1) == train_key(RunEnv(other), pinned, 0.1)
 
 
 def test_changed_stage_config_is_an_error_naming_the_field(assets, tmp_path):
