@@ -132,6 +132,7 @@ def load_model(cfg: ModelConfig, trainable: bool = False) -> Any:
         kwargs["gguf_file"] = cfg.gguf_file
     elif local and Path(name).is_dir() and any(Path(name).glob("*.safetensors")):
         kwargs["use_safetensors"] = True
+    model: Any
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as err:

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from infalign.core.calibration import EmpiricalCalibration
-from infalign.lm.models import Generation, derive_seed, encode_prompts
+from infalign.lm.models import derive_seed
 from infalign.lm.prompts import check_prompt_list, prompts_sha256
 from infalign.lm.rewards import describe_reward, score
 from infalign.lm.sampling import sample, sampler_logprobs
@@ -41,19 +38,21 @@ from infalign.run.io import (
     run_manifest,
 )
 from infalign.run.keys import reference_key
+from infalign.run.reference_set import (
+    FINAL_META,
+    FINAL_ROWS,
+    FORMAT_VERSION,
+    PARTIAL_META,
+    PARTIAL_ROWS,
+    ReferenceSet,
+    tie_fraction,
+)
 from infalign.run.runs import SEED_KEYS, SPLITS, RunEnv, mark_stage, read_stage, reference_dir
 
-__all__ = ["ReferenceSet", "build_reference", "reference_stage", "tie_fraction"]
+__all__ = ["ReferenceSet", "build_reference", "reference_stage", "tie_fraction"]  # the artifact too
 
 log = logging.getLogger(__name__)
 
-FINAL_ROWS = "reference.jsonl"
-FINAL_META = "reference.json"
-PARTIAL_ROWS = "reference.partial.jsonl"
-PARTIAL_META = "reference.partial.json"
-# 2: token_ids and logprobs per sample (the regression trainer trains on the exact sampled tokens;
-# re-tokenising the texts changes some sequences). A version-1 artifact is reported, never reused.
-FORMAT_VERSION = 2
 # the fields a resumed or cached artifact must share with the request
 _CHECKED = (
     "format_version",
@@ -65,139 +64,6 @@ _CHECKED = (
     "reward",
     "prompts_per_chunk",
 )
-
-
-def tie_fraction(rewards: torch.Tensor) -> float:
-    """Mean over prompts of the fraction of a prompt's K rewards equal to another of its rewards.
-
-    rewards: (P, K). Returns a float in [0, 1].
-    """
-    r = torch.as_tensor(rewards)
-    if r.ndim != 2 or r.shape[1] < 1:
-        raise ValueError(f"rewards must be (P, K), got shape {tuple(r.shape)}")
-    s, _ = torch.sort(r, dim=1)
-    eq = s[:, 1:] == s[:, :-1]
-    tied = torch.zeros_like(s, dtype=torch.bool)
-    tied[:, 1:] |= eq
-    tied[:, :-1] |= eq
-    return float(tied.float().mean(dim=1).mean())
-
-
-@dataclass
-class ReferenceSet:
-    """K reference samples for each of P prompts and their rewards.
-
-    Attributes:
-        prompts: P prompt strings.
-        completions: P lists of K completions.
-        rewards: (P, K) float32.
-        num_tokens: (P, K) long, completion tokens (EOS included).
-        token_ids: P lists of K token-id lists (each ``num_tokens[p, k]`` long).
-        logprobs: (P, K) float64, ``log pi_ref(y_pk | x_p)`` (tempered, summed over the tokens).
-        meta: the artifact's metadata (``reference.json``).
-    """
-
-    prompts: list[str]
-    completions: list[list[str]]
-    rewards: torch.Tensor
-    num_tokens: torch.Tensor
-    token_ids: list[list[list[int]]]
-    logprobs: torch.Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        """K."""
-        return int(self.rewards.shape[1])
-
-    def calibration(self, smoothed: bool = False) -> EmpiricalCalibration:
-        """The per-prompt empirical CDF of the reference rewards (spec section 2)."""
-        return EmpiricalCalibration.fit(self.rewards, smoothed=smoothed)
-
-    def tie_fraction(self) -> float:
-        """Mean over prompts of the fraction of the K rewards that equal another of the same prompt."""
-        return tie_fraction(self.rewards)
-
-    def generation(
-        self, tokenizer: Any, prompt_idx: list[int], sample_idx: torch.Tensor
-    ) -> Generation:
-        """The stored samples ``sample_idx[j]`` (k of the K) of prompts ``prompt_idx[j]`` as a
-        :class:`~infalign.lm.models.Generation` of len(prompt_idx) x k rows, exactly as sampled: the
-        prompt encoded as for sampling (left-padded), the stored completion tokens right-padded.
-
-        sample_idx: (P', k) long indices into 0..K-1.
-        """
-        sample_idx = torch.as_tensor(sample_idx, dtype=torch.long)
-        if sample_idx.ndim != 2 or sample_idx.shape[0] != len(prompt_idx):
-            raise ValueError(
-                f"sample_idx must be (P'={len(prompt_idx)}, k), got {tuple(sample_idx.shape)}"
-            )
-        k = sample_idx.shape[1]
-        ids, am = encode_prompts(tokenizer, [self.prompts[p] for p in prompt_idx])
-        rows = [
-            self.token_ids[p][int(j)]
-            for p, js in zip(prompt_idx, sample_idx, strict=True)
-            for j in js
-        ]
-        T = max(1, max(len(r) for r in rows))
-        comp = torch.full((len(rows), T), int(tokenizer.pad_token_id), dtype=torch.long)
-        cmask = torch.zeros(len(rows), T)
-        for b, r in enumerate(rows):
-            comp[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            cmask[b, : len(r)] = 1.0
-        return Generation(
-            input_ids=torch.cat([ids.repeat_interleave(k, dim=0), comp], dim=1),
-            attention_mask=torch.cat([am.repeat_interleave(k, dim=0), cmask.long()], dim=1),
-            prompt_length=ids.shape[1],
-            completion_mask=cmask,
-            texts=[
-                [self.completions[p][int(j)] for j in js]
-                for p, js in zip(prompt_idx, sample_idx, strict=True)
-            ],
-            prompts=[self.prompts[p] for p in prompt_idx],
-        )
-
-    @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], meta: dict[str, Any]) -> ReferenceSet:
-        rows = sorted(rows, key=lambda r: r["index"])
-        return cls(
-            prompts=[r["prompt"] for r in rows],
-            completions=[r["completions"] for r in rows],
-            rewards=torch.tensor([r["rewards"] for r in rows], dtype=torch.float32),
-            num_tokens=torch.tensor([r["num_tokens"] for r in rows], dtype=torch.long),
-            token_ids=[r["token_ids"] for r in rows],
-            logprobs=torch.tensor([r["logprobs"] for r in rows], dtype=torch.float64),
-            meta=meta,
-        )
-
-    @classmethod
-    def load(cls, out_dir: str | Path) -> ReferenceSet:
-        """Read a finished artifact; ValueError if it is missing, incomplete or inconsistent."""
-        d = Path(out_dir)
-        if not (d / FINAL_META).is_file() or not (d / FINAL_ROWS).is_file():
-            partial = (
-                " (an unfinished run left partial files)" if (d / PARTIAL_ROWS).exists() else ""
-            )
-            raise ValueError(f"no reference artifact in {str(d)!r}{partial}")
-        meta = read_json(d / FINAL_META)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"reference artifact {str(d)!r} has format_version={meta.get('format_version')!r}; "
-                f"this infalign reads version {FORMAT_VERSION} (it stores the sampled token ids and "
-                "log pi_ref per sample): delete the directory (or use another out) to rebuild it"
-            )
-        rows = read_jsonl(d / FINAL_ROWS)
-        if [r.get("index") for r in rows] != list(range(meta["num_prompts"])):
-            raise ValueError(
-                f"{str(d / FINAL_ROWS)!r} does not hold rows 0..{meta['num_prompts'] - 1} in order"
-            )
-        ref = cls.from_rows(rows, meta)
-        if tuple(ref.rewards.shape) != (meta["num_prompts"], meta["num_samples"]):
-            raise ValueError(
-                f"{str(d)!r}: rewards shape {tuple(ref.rewards.shape)} does not match the metadata "
-                f"(P={meta['num_prompts']}, K={meta['num_samples']})"
-            )
-        return ref
 
 
 def _check_meta(found: dict[str, Any], want: dict[str, Any], where: Path) -> None:
@@ -233,26 +99,10 @@ def build_reference(
     ``prompts_per_chunk`` defaults to ``max(1, sampling.batch_size // K)``.
     """
     prompts = check_prompt_list(prompts)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"reference.num_samples={num_samples!r}: calibration needs K >= 2")
-    sampling.validate("sampling")
-    K = num_samples
-    ppc = prompts_per_chunk if prompts_per_chunk is not None else max(1, sampling.batch_size // K)
-    if isinstance(ppc, bool) or not isinstance(ppc, int) or ppc < 1:
-        raise ValueError(f"prompts_per_chunk={prompts_per_chunk!r}: must be an integer >= 1")
+    request = _request(model, prompts, reward_fn, sampling, num_samples, seed, prompts_per_chunk)
+    K, ppc = num_samples, request["prompts_per_chunk"]
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    request: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "num_samples": K,
-        "seed": int(seed),
-        "sampling": to_dict(sampling),
-        "num_prompts": len(prompts),
-        "prompts_sha256": prompts_sha256(prompts),
-        "reward": describe_reward(reward_fn),
-        "prompts_per_chunk": ppc,
-        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or "",
-    }
 
     if (d / FINAL_META).is_file():
         _check_meta(read_json(d / FINAL_META), request, d / FINAL_META)
@@ -267,30 +117,9 @@ def build_reference(
         log.info("reference: resuming %s, %d of %d chunks done", d, len(done), len(chunks))
     try:
         for c in tqdm(todo, desc="reference", disable=not progress):
-            idx = chunks[c]
-            ps = [prompts[i] for i in idx]
-            gen = sample(
-                model, tokenizer, ps, K, sampling, seed=derive_seed(seed, c), progress=False
+            new = _sample_chunk(
+                model, tokenizer, prompts, chunks[c], c, reward_fn, sampling, K, seed
             )
-            rewards = score(reward_fn, ps, gen.texts)
-            lp = sampler_logprobs(model, gen, sampling)
-            seq_lp = sequence_logprob(lp.double().cpu(), gen.completion_mask).view(len(ps), K)
-            comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
-            new = [
-                {
-                    "index": i,
-                    "chunk": c,
-                    "prompt": prompts[i],
-                    "completions": gen.texts[j],
-                    "num_tokens": gen.num_tokens[j].tolist(),
-                    "rewards": rewards[j].tolist(),
-                    "token_ids": [
-                        comp[j * K + k, : int(n_tok[j * K + k])].tolist() for k in range(K)
-                    ],
-                    "logprobs": seq_lp[j].tolist(),
-                }
-                for j, i in enumerate(idx)
-            ]
             append_jsonl(d / PARTIAL_ROWS, new)
             rows.extend(new)
     except BaseException:
@@ -299,6 +128,79 @@ def build_reference(
             (d / PARTIAL_META).unlink(missing_ok=True)
         raise
 
+    ref = _finish(d, rows, request, seed)
+    log.info("reference: wrote %d prompts x %d samples to %s", len(prompts), K, d)
+    return ref
+
+
+def _request(
+    model: Any,
+    prompts: list[str],
+    reward_fn: Any,
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int,
+    prompts_per_chunk: int | None,
+) -> dict[str, Any]:
+    """The checked request an artifact is made for (the fields a cached one must share)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"reference.num_samples={num_samples!r}: calibration needs K >= 2")
+    sampling.validate("sampling")
+    K = num_samples
+    ppc = prompts_per_chunk if prompts_per_chunk is not None else max(1, sampling.batch_size // K)
+    if isinstance(ppc, bool) or not isinstance(ppc, int) or ppc < 1:
+        raise ValueError(f"prompts_per_chunk={prompts_per_chunk!r}: must be an integer >= 1")
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_samples": K,
+        "seed": int(seed),
+        "sampling": to_dict(sampling),
+        "num_prompts": len(prompts),
+        "prompts_sha256": prompts_sha256(prompts),
+        "reward": describe_reward(reward_fn),
+        "prompts_per_chunk": ppc,
+        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or "",
+    }
+
+
+def _sample_chunk(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    idx: list[int],
+    chunk: int,
+    reward_fn: Any,
+    sampling: SamplingConfig,
+    K: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Chunk ``chunk`` (prompts ``idx``): K samples per prompt with seed ``derive_seed(seed, chunk)``,
+    scored once; one artifact row per prompt (texts, token ids, rewards, sequence log pi_ref)."""
+    ps = [prompts[i] for i in idx]
+    gen = sample(model, tokenizer, ps, K, sampling, seed=derive_seed(seed, chunk), progress=False)
+    rewards = score(reward_fn, ps, gen.texts)
+    lp = sampler_logprobs(model, gen, sampling)
+    seq_lp = sequence_logprob(lp.double().cpu(), gen.completion_mask).view(len(ps), K)
+    comp, n_tok = gen.completion_ids, gen.num_tokens.view(-1)
+    return [
+        {
+            "index": i,
+            "chunk": chunk,
+            "prompt": prompts[i],
+            "completions": gen.texts[j],
+            "num_tokens": gen.num_tokens[j].tolist(),
+            "rewards": rewards[j].tolist(),
+            "token_ids": [comp[j * K + k, : int(n_tok[j * K + k])].tolist() for k in range(K)],
+            "logprobs": seq_lp[j].tolist(),
+        }
+        for j, i in enumerate(idx)
+    ]
+
+
+def _finish(
+    d: Path, rows: list[dict[str, Any]], request: dict[str, Any], seed: int
+) -> ReferenceSet:
+    """Write the finished artifact (rows in prompt order, then the meta) and drop the partial files."""
     ref = ReferenceSet.from_rows(rows, {})
     meta = {
         **request,
@@ -322,7 +224,6 @@ def build_reference(
             "reward will be coarse",
             100 * ref.meta["tie_fraction"],
         )
-    log.info("reference: wrote %d prompts x %d samples to %s", len(prompts), K, d)
     return ref
 
 

@@ -120,6 +120,8 @@ def _pct(x: Any) -> str:
 
 
 def settings(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's settings table: (setting, value) rows from the run's config, manifest and
+    reference artifacts (``NA`` where a value is missing)."""
     cfg, man, refs = run["config"], run["manifest"], run["reference"]
 
     def c(key: str) -> str:
@@ -130,17 +132,28 @@ def settings(run: dict[str, Any]) -> list[tuple[str, str]]:
         v = get(refs.get(split, {}), key)
         return NA if v is None else str(v)
 
-    tie = num(get(refs.get("train", {}), "tie_fraction"))
-    methods = [
-        f"{m.get('name')}: {m.get('transform')} at β ∈ {{{', '.join(_g(b) for b in m.get('betas', []))}}}"
-        for m in cfg.get("methods") or []
-        if isinstance(m, dict)
-    ]
-    versions = man.get("versions") or {}
-    ref_model = get(cfg, "reference_model.name")
-    out = [
+    return [
         ("seed", str(man.get("seed", get(cfg, "seed", NA)))),
         ("git commit", str(man.get("git_commit") or NA)),
+        *_data_settings(cfg, refs, c, ref),
+        *_training_settings(cfg, c),
+        (
+            "evaluation samples per test prompt",
+            f"policy M = {c('evaluate.samples_per_prompt')}, reference M' = {ref('test', 'num_samples') if 'test' in refs else c('evaluate.reference_samples')}",
+        ),
+        (
+            "intervals",
+            f"{_pct(get(cfg, 'evaluate.confidence'))} percentile bootstrap over test prompts ({c('evaluate.bootstrap')} resamples); KL ± standard error",
+        ),
+        *_environment_settings(man),
+    ]
+
+
+def _data_settings(cfg: Any, refs: Any, c: Any, ref: Any) -> list[tuple[str, str]]:
+    """Models, reward, prompts, reference samples, calibration and sampling rows."""
+    tie = num(get(refs.get("train", {}), "tie_fraction"))
+    ref_model = get(cfg, "reference_model.name")
+    return [
         (
             "model (policy init)",
             c("model.name") + (f" (dtype {c('model.dtype')}, LoRA r={c('model.lora_r')})"),
@@ -160,24 +173,34 @@ def settings(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("tied reference rewards (train)", NA if tie is None else f"{100 * tie:.1f}%"),
         (
             "sampling",
-            f"temperature {c('sampling.temperature')}, top_p {c('sampling.top_p')}, max_new_tokens {c('sampling.max_new_tokens')}",
+            f"{c('sampling.backend')} backend, temperature {c('sampling.temperature')}, top_p {c('sampling.top_p')}, top_k {c('sampling.top_k')}, max_new_tokens {c('sampling.max_new_tokens')}",
         ),
-        ("M (RL samples per prompt, RLOO)", c("rl.samples_per_prompt")),
+    ]
+
+
+def _training_settings(cfg: Any, c: Any) -> list[tuple[str, str]]:
+    """The RL algorithm, its budget and the methods x betas rows."""
+    methods = [
+        f"{m.get('name')}: {m.get('transform')} at β ∈ {{{', '.join(_g(b) for b in m.get('betas', []))}}}"
+        for m in cfg.get("methods") or []
+        if isinstance(m, dict)
+    ]
+    return [
+        ("M (RL samples per prompt)", c("rl.samples_per_prompt")),
         (
             "RL",
-            f"{c('rl.steps')} steps x {c('rl.prompts_per_step')} prompts, lr {c('rl.lr')}, PPO epochs {c('rl.ppo_epochs')}, std-normalised advantages {c('rl.normalize_std')}, seed {c('rl.seed')}",
+            f"{c('rl.algorithm')}: {c('rl.steps')} steps x {c('rl.prompts_per_step')} prompts, lr {c('rl.lr')}, PPO epochs {c('rl.ppo_epochs')}, on-policy samples {c('rl.onpolicy_samples')}, std-normalised advantages {c('rl.normalize_std')}, seed {c('rl.seed')}",
         ),
         ("auto transforms resolved at", f"KL {c('rl.target_kl')} nats for {c('report.procedure')}"),
         ("methods x betas", "; ".join(methods) or NA),
         ("N / procedures evaluated", c("evaluate.procedures")),
-        (
-            "evaluation samples per test prompt",
-            f"policy M = {c('evaluate.samples_per_prompt')}, reference M' = {ref('test', 'num_samples') if 'test' in refs else c('evaluate.reference_samples')}",
-        ),
-        (
-            "intervals",
-            f"{_pct(get(cfg, 'evaluate.confidence'))} percentile bootstrap over test prompts ({c('evaluate.bootstrap')} resamples); KL ± standard error",
-        ),
+    ]
+
+
+def _environment_settings(man: dict[str, Any]) -> list[tuple[str, str]]:
+    """Versions, platform and the command that wrote the manifest."""
+    versions = man.get("versions") or {}
+    return [
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or NA),
         (
             "python / platform / CUDA",
@@ -186,7 +209,6 @@ def settings(run: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("manifest written", f"{man.get('time', NA)} by `{man.get('command', NA)}`"),
     ]
-    return out
 
 
 def reproduce(run: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from reward_fns import frac_e
 from infalign.core.calibration import EmpiricalCalibration
 from infalign.core.transforms import Exp
 from infalign.lm.models import load_model
+from infalign.lm.rewards import RewardError
 from infalign.lm.sampling import sample
 from infalign.rl import (
     ctrl_reward,
@@ -204,7 +205,8 @@ def sigterm_default():
 
 @pytest.mark.parametrize("failure", ["interrupt", "terminate", "crash"])
 def test_resume_equals_uninterrupted(tiny_lm, calibration, tmp_path, failure, sigterm_default):
-    stops = {"interrupt": KeyboardInterrupt, "terminate": Terminated, "crash": RuntimeError}
+    # a reward that raises is named as a RewardError (the CLI prints it in one line)
+    stops = {"interrupt": KeyboardInterrupt, "terminate": Terminated, "crash": RewardError}
     full = make_trainer(
         tiny_lm, calibration, tmp_path / "full", steps=5, save_every=2, warmup_steps=3
     )
