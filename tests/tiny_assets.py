@@ -73,9 +73,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 REWARD = f"{Path(__file__).resolve()}:vowel_reward"
 
 
-def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> list[str]:
-    """CLI overrides that point ``recipes/tiny.yaml`` at the assets of ``write_tiny_assets`` and at
-    ``out`` (plus ``extra``: dotted key -> value), as ``--key value`` tokens."""
+def tiny_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> dict[str, str]:
+    """Overrides (dotted key -> value) that point ``recipes/tiny.yaml`` at the assets of
+    ``write_tiny_assets`` and at ``out``, plus ``extra``."""
     over = {
         "model.name": assets["model"],
         "prompts.train.source": assets["train"],
@@ -84,7 +84,12 @@ def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) 
         "out": out,
         **extra,
     }
-    return [tok for k, v in over.items() for tok in (f"--{k}", str(v))]
+    return {k: str(v) for k, v in over.items()}
+
+
+def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> list[str]:
+    """:func:`tiny_overrides` as CLI ``--key value`` tokens."""
+    return [tok for k, v in tiny_overrides(assets, out, **extra).items() for tok in (f"--{k}", v)]
 
 
 def _score(c: str) -> float:

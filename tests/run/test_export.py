@@ -5,20 +5,15 @@ that carries eval.json's numbers; unfinished training or evaluation is a one-lin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import write_tiny_assets
+from tiny_assets import RECIPE, tiny_overrides, write_tiny_assets
 
 from infalign.cli import main
 from infalign.run import pipeline
 from infalign.run.export import export_policy
 from infalign.run.recipe import load_config
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "tiny.yaml"
-REWARD = f"{ROOT / 'tests' / 'tiny_assets.py'}:vowel_reward"
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +22,7 @@ def assets(tmp_path_factory):
 
 
 def _over(assets, out, **extra):
-    return {
-        "model.name": str(assets["model"]),
-        "prompts.train.source": str(assets["train"]),
-        "prompts.test.source": str(assets["test"]),
-        "reward.name": REWARD,
-        "out": str(out),
-        "rl.steps": 2,
-        **extra,
-    }
+    return tiny_overrides(assets, out, **{"rl.steps": 2, **extra})
 
 
 def _logits(model, ids):

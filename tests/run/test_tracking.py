@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from tiny_assets import write_tiny_assets
+from tiny_assets import RECIPE, recipe_overrides, tiny_overrides, write_tiny_assets
 
 from infalign.cli import main
 from infalign.rl.algorithms import trainer_class
 from infalign.run import pipeline, tracking
 from infalign.run.recipe import load_config
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "tiny.yaml"
-REWARD = f"{ROOT / 'tests' / 'tiny_assets.py'}:vowel_reward"
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +24,7 @@ def assets(tmp_path_factory):
 
 
 def _over(assets, out, **extra):
-    return {
-        "model.name": str(assets["model"]),
-        "prompts.train.source": str(assets["train"]),
-        "prompts.test.source": str(assets["test"]),
-        "reward.name": REWARD,
-        "out": str(out),
-        **extra,
-    }
+    return tiny_overrides(assets, out, **{**extra})
 
 
 def _f32(x: float) -> float:
@@ -140,7 +128,7 @@ def test_bad_tracker_is_a_one_line_error_before_any_work(
 ):
     monkeypatch.setitem(tracking.TRACKERS, "wandb", ("infalign_no_such_module", "wandb"))
     out = tmp_path / "bad"
-    argv = [tok for k, v in _over(assets, out, tracking=value).items() for tok in (f"--{k}", v)]
+    argv = recipe_overrides(assets, out, tracking=value)
     assert main(["run", str(RECIPE), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("infalign run: error: config tracking["), err
