@@ -6,6 +6,7 @@ finishes the request in flight before the server exits 0. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import queue
@@ -60,9 +61,10 @@ def _lines(pipe, out: queue.Queue) -> None:
     out.put(None)
 
 
-@pytest.fixture(scope="module")
-def server(ctrl_run, tmp_path_factory):
-    gate = tmp_path_factory.mktemp("gate") / "gate"
+@contextlib.contextmanager
+def _serve(ctrl_run, tmp_dir: Path):
+    """A live ``serve-reward`` subprocess on 127.0.0.1 (any free port), killed on exit if alive."""
+    gate = tmp_dir / "gate"
     os.mkfifo(gate)
     env = {
         **os.environ,
@@ -86,6 +88,12 @@ def server(ctrl_run, tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def server(ctrl_run, tmp_path_factory):
+    with _serve(ctrl_run, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
 
 
 def _expected(ctrl_run, prompts, responses):
@@ -184,9 +192,15 @@ def test_bounded_concurrent_load_answers_every_request_right(ctrl_run, server):
     assert got == want
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(ctrl_run, server):
-    """Runs last: a request is held inside the reward model (a FIFO gate), SIGTERM arrives, the
-    server stops accepting, the held request completes with its reward, the process exits 0."""
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(ctrl_run, tmp_path):
+    """A request is held inside the reward model (a FIFO gate), SIGTERM arrives, the server stops
+    accepting, the held request completes with its reward, the process exits 0. Its own server, so
+    the test order does not matter."""
+    with _serve(ctrl_run, tmp_path) as server:
+        _sigterm_with_a_request_in_flight(ctrl_run, server)
+
+
+def _sigterm_with_a_request_in_flight(ctrl_run, server) -> None:
     p = ctrl_run.prompts[3]
     held: dict[str, httpx.Response] = {}
     request = threading.Thread(
