@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 from tiny_assets import RECIPE as TINY_RECIPE
@@ -166,3 +168,14 @@ def test_override_syntax_errors(assets, tmp_path, capsys):
         main(["solve", "--kl", "0.5", "--rl.beta", "1"])
     assert exc.value.code == 2
     assert not out.exists()
+
+
+def test_the_parser_imports_no_torch():
+    """`infalign --help`, `--version` and every user error before work stay fast: building the
+    parser imports neither torch nor transformers (they load when a verb runs)."""
+    code = (
+        "import sys, infalign.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from infalign.run.config import MethodConfig, RunConfig, to_dict
 from infalign.run.io import to_jsonable
-from infalign.theory import needs_theory, split_target
 
 if TYPE_CHECKING:
     from infalign.run.runs import RunEnv
@@ -140,6 +139,8 @@ def train_key(env: RunEnv, method: MethodConfig, beta: float) -> dict[str, Any]:
         "reference": to_dict(cfg.reference),
         "rl": rl_d,
     }
+    from infalign.theory import needs_theory, split_target  # (lazy: the CLI's parser stays light)
+
     if needs_theory(method.transform):  # the transform is resolved for this procedure and KL
         if split_target(method.transform)[1] is None:  # (exp:auto@KL carries its own KL)
             out["rl"]["target_kl"] = cfg.rl.target_kl
