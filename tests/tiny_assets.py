@@ -73,23 +73,24 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 REWARD = f"{Path(__file__).resolve()}:vowel_reward"
 
 
-def tiny_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> dict[str, str]:
-    """Overrides (dotted key -> value) that point ``recipes/tiny.yaml`` at the assets of
-    ``write_tiny_assets`` and at ``out``, plus ``extra``."""
-    over = {
-        "model.name": assets["model"],
-        "prompts.train.source": assets["train"],
-        "prompts.test.source": assets["test"],
+def tiny_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> dict[str, object]:
+    """Overrides (dotted key -> value; paths as strings) that point ``recipes/tiny.yaml`` at the
+    assets of ``write_tiny_assets`` and at ``out``, plus ``extra`` (which may replace any of them)."""
+    over: dict[str, object] = {
+        "model.name": str(assets["model"]),
+        "prompts.train.source": str(assets["train"]),
+        "prompts.test.source": str(assets["test"]),
         "reward.name": REWARD,
-        "out": out,
-        **extra,
+        "out": str(out),
     }
-    return {k: str(v) for k, v in over.items()}
+    return {**over, **extra}
 
 
 def recipe_overrides(assets: dict[str, Path], out: str | Path, **extra: object) -> list[str]:
     """:func:`tiny_overrides` as CLI ``--key value`` tokens."""
-    return [tok for k, v in tiny_overrides(assets, out, **extra).items() for tok in (f"--{k}", v)]
+    return [
+        tok for k, v in tiny_overrides(assets, out, **extra).items() for tok in (f"--{k}", str(v))
+    ]
 
 
 def _score(c: str) -> float:

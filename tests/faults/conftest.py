@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tiny_assets
 from faultkit import ROOT, TRAIN, run_cli, snapshot
-from tiny_assets import write_tiny_assets
+from tiny_assets import tiny_overrides, write_tiny_assets
 
 from infalign.run.recipe import dump_config, load_config
 
@@ -30,10 +30,7 @@ def _no_faults():
 def recipe(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("faults")
     assets = write_tiny_assets(d / "assets")
-    over = {
-        "model.name": str(assets["model"]),
-        "prompts.train.source": str(assets["train"]),
-        "prompts.test.source": str(assets["test"]),
+    extra = {
         "reward.name": "tiny_assets:faulty_reward",
         "methods": [{"name": "ctrl", "transform": "identity", "betas": [0.1]}],
         "sampling.batch_size": 16,  # K = 8: 2 prompts per reference chunk
@@ -41,8 +38,8 @@ def recipe(tmp_path_factory) -> Path:
         "rl.save_every": 1,
         "evaluate.procedures": ["sample", "bon:4"],
         "evaluate.bootstrap": 20,
-        "out": str(d / "unused"),
     }
+    over = tiny_overrides(assets, d / "unused", **extra)
     path = d / "recipe.yaml"
     path.write_text(dump_config(load_config(ROOT / "recipes" / "tiny.yaml", over)))
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_assets import _score, write_tiny_assets
+from tiny_assets import _score, recipe_overrides, tiny_overrides, write_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "tiny.yaml")
@@ -41,18 +41,13 @@ def ctrl_run(tmp_path_factory) -> CTRLRun:
 
     d = tmp_path_factory.mktemp("ctrl_run")
     assets = write_tiny_assets(d / "assets")
-    over = {
-        "model.name": str(assets["model"]),
-        "prompts.train.source": str(assets["train"]),
-        "prompts.test.source": str(assets["test"]),
-        "reward.name": f"{ROOT / 'tests' / 'tiny_assets.py'}:gated_vowel_reward",
-        "out": str(d / "run"),
-    }
+    reward = f"{ROOT / 'tests' / 'tiny_assets.py'}:gated_vowel_reward"
+    over = tiny_overrides(assets, d / "run", **{"reward.name": reward})
     cfg = load_config(RECIPE, over)
     ref = run_references(cfg, ["train"])["train"]
     tf, _ = resolve_transform(cfg, get_method(cfg, "ctrl-exp"))
     return CTRLRun(
-        argv=[tok for k, v in over.items() for tok in (f"--{k}", v)],
+        argv=recipe_overrides(assets, d / "run", **{"reward.name": reward}),
         prompts=ref.prompts,
         completions=ref.completions,
         rewards=ref.rewards.numpy(),

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_assets import write_tiny_assets
+from tiny_assets import tiny_overrides, write_tiny_assets
 
 from infalign.rl.checkpoint import truncate_metrics
 from infalign.run.io import disk_errors
@@ -66,13 +66,7 @@ def test_input_hashes_follow_the_content_of_each_input(tmp_path):
     reward.write_text(
         "def r(prompts, completions):\n    return [[0.0] * len(c) for c in completions]\n"
     )
-    over = {
-        "model.name": str(assets["model"]),
-        "prompts.train.source": str(assets["train"]),
-        "prompts.test.source": str(assets["test"]),
-        "reward.name": f"{reward}:r",
-        "out": str(tmp_path / "run"),
-    }
+    over = tiny_overrides(assets, tmp_path / "run", **{"reward.name": f"{reward}:r"})
     cfg = load_config(RECIPE, over)
     before = RunEnv(cfg).inputs()
     assert set(before) == {"prompts.train", "prompts.test", "model", "reward"}
