@@ -151,21 +151,27 @@ class CTRLTrainer:
     ) -> CTRLTrainer:
         """The pipeline's one way to build any algorithm's trainer from the train stage's inputs:
         the :class:`~infalign.run.reference.ReferenceSet` of the training prompts and a loader of
-        the reward (called only by algorithms that score samples). Algorithms that need more than
-        ``prompts`` and a reward override this."""
+        the reward; :meth:`_data` says which of them the algorithm takes."""
         return cls(
-            policy,
-            reference,
-            tokenizer,
-            list(reference_set.prompts),
-            load_reward(),
-            calibration,
-            transform,
-            rl,
-            sampling,
-            out_dir,
+            policy=policy,
+            reference=reference,
+            tokenizer=tokenizer,
+            calibration=calibration,
+            transform=transform,
+            rl=rl,
+            sampling=sampling,
+            out_dir=out_dir,
             resume=resume,
+            **cls._data(reference_set, load_reward, rl),
         )
+
+    @classmethod
+    def _data(
+        cls, reference_set: Any, load_reward: Callable[[], RewardFn], rl: RLConfig
+    ) -> dict[str, Any]:
+        """The constructor's training data from the train stage's inputs: the prompts and the
+        reward (overridden by algorithms that train on the reference samples themselves)."""
+        return {"prompts": list(reference_set.prompts), "reward_fn": load_reward()}
 
     # --- prompts ---------------------------------------------------------------------------------
 

@@ -215,34 +215,12 @@ class RegressionTrainer(CTRLTrainer):
             self.fresh_log_z = torch.full((len(self.prompts),), lz, dtype=torch.float64)
 
     @classmethod
-    def from_reference(
-        cls,
-        policy: Any,
-        reference: Any | None,
-        tokenizer: Any,
-        reference_set: Any,
-        load_reward: Callable[[], RewardFn],
-        calibration: EmpiricalCalibration | None,
-        transform: Transform | str | None,
-        rl: RLConfig,
-        sampling: SamplingConfig,
-        out_dir: Any,
-        resume: bool = False,
-    ) -> RegressionTrainer:
+    def _data(
+        cls, reference_set: Any, load_reward: Callable[[], RewardFn], rl: RLConfig
+    ) -> dict[str, Any]:
         """Regresses on ``reference_set`` itself; loads the reward only for on-policy samples."""
-        return cls(
-            policy,
-            reference,
-            tokenizer,
-            reference_set,
-            calibration,
-            transform,
-            rl,
-            sampling,
-            out_dir,
-            resume=resume,
-            reward_fn=load_reward() if rl.onpolicy_samples > 0 else None,
-        )
+        reward = load_reward() if rl.onpolicy_samples > 0 else None
+        return {"reference_set": reference_set, "reward_fn": reward}
 
     def _samples(self, idx: list[int]) -> torch.Tensor:
         """(len(idx), M) sample indices, without replacement, seeded by (rl.seed, step)."""
