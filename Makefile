@@ -21,7 +21,7 @@ setup: $(BIN)/infalign
 
 demo: setup
 	$(BIN)/infalign solve --procedure bon:4 --kl 0.5
-	$(BIN)/infalign run recipes/demo.yaml
+	$(BIN)/infalign run recipes/demo.yaml --jobs 2
 	@echo "report: runs/demo/report.md"
 
 test: setup

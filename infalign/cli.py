@@ -37,6 +37,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type`` for an integer >= 1 (argparse's error names the flag)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def check_out(out: str | Path, key: str = "out") -> Path:
     """An output directory we can create and write: UsageError naming ``key`` when it, or a
     directory above it, is a file, or when the nearest existing directory is not writable."""
@@ -154,26 +165,10 @@ def _load_run(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def _fmt_ci(d: dict | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
-
-
 def _print_table(rows: list[dict], procedures: list[str]) -> None:
-    head = ["method", "beta", "KL (nats)", "standard", *procedures]
-    table = [head]
-    for r in rows:
-        kl = r["kl"]
-        se = "" if kl.get("stderr") is None else f" ± {kl['stderr']:.3f}"
-        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
-        wins = [_fmt_ci(r["win_rate"].get(p)) for p in procedures]
-        table.append(
-            [r["method"], beta, f"{kl['mean']:.3f}{se}", _fmt_ci(r["standard_win_rate"]), *wins]
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    from infalign.run.results import format_table
+
+    print(format_table(rows, procedures))
 
 
 def _method_name(cfg: RunConfig, args: argparse.Namespace) -> str:
@@ -243,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from infalign.run import pipeline
 
     cfg = _load_run(args)
-    results = pipeline.run_all(cfg, report=not args.no_report)
+    results = pipeline.run_all(cfg, report=not args.no_report, jobs=args.jobs)
     _print_table(results["rows"], results["procedures"])
     out = Path(cfg.out)
     print(f"results: {out / 'results.json'}")
@@ -321,6 +316,12 @@ def _pipeline_verbs(sub: Any) -> None:
         sub, "run", "the whole sweep: reference, train, evaluate, results, report", cmd_run
     )
     p.add_argument("--no-report", action="store_true", help="skip the report")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="stages run on N worker processes (each with 1/N of the torch threads; default 1)",
+    )
 
     p = sub.add_parser("report", help="report.md + plots from a run directory's artifacts")
     p.add_argument("run_dir", help="a run directory (the recipe's out: results.json, config.yaml)")

@@ -28,10 +28,11 @@ def _in_main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` inside the block (main thread, default disposition only:
-    a handler the application installed is left alone)."""
-    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+def sigterm_raises(replace: bool = False) -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (main thread only). A handler the
+    application installed is left alone, unless ``replace`` (then it is restored after the block)."""
+    current = signal.getsignal(signal.SIGTERM)
+    if not _in_main_thread() or (current is not signal.SIG_DFL and not replace):
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

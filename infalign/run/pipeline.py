@@ -156,20 +156,32 @@ def _report(run_dir: Path) -> Path | None:
     return path
 
 
-def run_all(cfg: RunConfig, report: bool = True) -> dict[str, Any]:
+def run_all(cfg: RunConfig, report: bool = True, jobs: int = 1) -> dict[str, Any]:
     """The whole experiment; finished stages are reused. Returns the content of ``results.json``
-    plus ``report`` (the report's path, or None when skipped or failed)."""
+    plus ``report`` (the report's path, or None when skipped or failed).
+
+    ``jobs`` > 1 runs the stages on that many worker processes (:mod:`infalign.run.parallel`): the
+    two reference splits, then every (method, beta) train + evaluate and pi_ref's evaluation."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: must be >= 1")
     env = preflight(cfg)
-    jobs = [(m, float(b)) for m in sweep(cfg) for b in m.betas]
-    check_plan(env, splits=SPLITS, train=jobs, evals=[*jobs, (None, None)])
+    runs = [(m, float(b)) for m in sweep(cfg) for b in m.betas]
+    check_plan(env, splits=SPLITS, train=runs, evals=[*runs, (None, None)])
     with command_scope(env):
         write_run_files(env, "run")
-        for split in SPLITS:
-            reference_stage(env, split)
-        for m, b in tqdm(jobs, desc="sweep", unit="run"):
-            train_stage(env, m, b)
-            evaluate_stage(env, m, b)
-        evaluate_stage(env, None, None)
+        if jobs > 1:
+            from infalign.run.parallel import run_units
+
+            run_units(cfg, [("reference", s, None) for s in SPLITS], jobs, desc="reference")
+            units = [("method", m.name, b) for m, b in runs]
+            run_units(cfg, [*units, ("method", None, None)], jobs, desc="sweep")
+        else:
+            for split in SPLITS:
+                reference_stage(env, split)
+            for m, b in tqdm(runs, desc="sweep", unit="run"):
+                train_stage(env, m, b)
+                evaluate_stage(env, m, b)
+            evaluate_stage(env, None, None)
         results = write_results(cfg, env)
     path = _report(Path(cfg.out)) if report else None
     results["report"] = None if path is None else str(path)

@@ -21,7 +21,7 @@ from infalign.run.runs import (
     sweep,
 )
 
-__all__ = ["results_row", "write_results"]
+__all__ = ["format_table", "results_row", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +104,27 @@ def write_results(cfg: RunConfig, env: RunEnv | None = None) -> dict[str, Any]:
     }
     atomic_write_json(Path(cfg.out) / "results.json", results)
     return results
+
+
+def _fmt_ci(d: dict[str, float] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def format_table(rows: list[dict[str, Any]], procedures: list[str]) -> str:
+    """results.json's rows as an aligned text table: method, beta, KL +- stderr, the standard win
+    rate and each procedure's, as mean [low, high]."""
+    head = ["method", "beta", "KL (nats)", "standard", *procedures]
+    table = [head]
+    for r in rows:
+        kl = r["kl"]
+        se = "" if kl.get("stderr") is None else f" ± {kl['stderr']:.3f}"
+        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+        wins = [_fmt_ci(r["win_rate"].get(p)) for p in procedures]
+        table.append(
+            [r["method"], beta, f"{kl['mean']:.3f}{se}", _fmt_ci(r["standard_win_rate"]), *wins]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table)
+    return "\n".join(line.rstrip() for line in lines)

@@ -23,10 +23,10 @@ def run_cli(recipe: Path, out: Path, *extra: str) -> int:
     return main(["run", str(recipe), "--no-report", "--out", str(out), *extra])
 
 
-def start_child(recipe: Path, out: Path, spec: dict) -> subprocess.Popen:
+def start_child(recipe: Path, out: Path, spec: dict, *extra: str) -> subprocess.Popen:
     """The same in a child process with the fault ``spec`` armed (``child.py``), started."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    argv = ["run", str(recipe), "--no-report", "--out", str(out)]
+    argv = ["run", str(recipe), "--no-report", "--out", str(out), *extra]
     cmd = [sys.executable, str(CHILD), json.dumps(spec), *argv]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

@@ -5,6 +5,9 @@ also leaves no temp file behind (``docs/reliability.md``)."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 import tiny_assets
 from faultkit import TRAIN, leftovers, run_cli, snapshot, start_child
@@ -51,5 +54,23 @@ def test_keyboard_interrupt_in_the_last_stage_then_resume(recipe, baseline, tmp_
     assert run_cli(recipe, out) == 130
     assert (out / "eval" / "reference" / "manifest.json").is_file()
     assert run_cli(recipe, out) == 0
+    assert snapshot(out) == baseline[1]
+    assert leftovers(out) == []
+
+
+def test_sigterm_to_a_parallel_run_then_resume(recipe, baseline, tmp_path):
+    """``run --jobs 2``: SIGTERM to the parent once the method stage has started in a worker stops
+    the workers (the busy one saves its work), exits 143 without a traceback, and a rerun gives the
+    sequential run's results."""
+    out = tmp_path / "run"
+    child = start_child(recipe, out, {}, "--jobs", "2")
+    deadline = time.monotonic() + 300
+    while not (out / "logs" / "ctrl@beta=0.1.log").exists() and child.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert run_cli(recipe, out, "--jobs", "2") == 0
     assert snapshot(out) == baseline[1]
     assert leftovers(out) == []
