@@ -418,6 +418,86 @@ def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+GUIDANCE = (
+    Path(__file__).resolve().parents[1] / "infalign" / "assets" / "measured" / "t_guidance.json"
+)
+
+
+def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, Any] | None:
+    """The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
+    t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
+    high, seeds) and the measured best t (largest mean difference among the ts with a point
+    there). None without ablation units. ``infalign solve`` prints it beside the exact answer."""
+    from infalign import theory
+
+    task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
+    fam = TASK_PROC[task][1]
+    prefix = f"{fam}" if fam == "negexp" else "exp"
+    ts = sorted(
+        float(k.split("@")[0][len(prefix) :])
+        for k in summary["table"]
+        if k.endswith(f"@{algo}") and k.split("@")[0][len(prefix) :].replace(".", "").isdigit()
+    )
+    if not ts:
+        return None
+
+    def diff(name: str) -> list[list[float]]:
+        d = summary["diffs"].get(f"{name}@{algo} - identity@{algo} [{proc}]")
+        return [list(x) for x in d] if d else [[math.nan] * 3 + [0]] * len(at)
+
+    vs = {f"{t:g}": diff(f"{prefix}{t:g}") for t in ts}
+    vs["theory"] = diff("exp")
+    best: dict[str, str | None] = {}
+    for j, k in enumerate(at):
+        means = {name: d[j][0] for name, d in vs.items() if math.isfinite(d[j][0])}
+        best[f"{k:g}"] = max(means, key=lambda n: means[n]) if means else None
+    theory_t = {f"{k:g}": float(theory.resolve_transform(f"{fam}:auto", proc, kl=k).t) for k in at}
+    names = {f"{prefix}{t:g}" for t in ts}
+    seeds = [int(s) for s, c in summary["points"][algo].items() if names & set(c)]
+    return {
+        "task": task,
+        "family": fam,
+        "algorithm": algo,
+        "seeds": sorted(seeds),
+        "at_kl": list(at),
+        "vs_identity": vs,
+        "best": best,
+        "theory_t": theory_t,
+    }
+
+
+def _finite(x: Any) -> Any:
+    """NaN / inf -> None, recursively (strict JSON for the shipped file)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def t_markdown(g: dict[str, Any]) -> str:
+    proc, fam = TASK_PROC[g["task"]][0], g["family"]
+    head = " | ".join(f"KL {k:g}" for k in g["at_kl"])
+    lines = [
+        f"**{g['task']} / {proc}, {fam}:t under `{g['algorithm']}`** (seeds {g['seeds']}): "
+        f"{proc} win rate minus calibrated identity's at matched KL, mean [95% t-interval] (n); "
+        "— where a run did not reach that KL.",
+        "",
+        f"| transform | {head} |",
+        "|---|" + "---|" * len(g["at_kl"]),
+    ]
+    for name, d in g["vs_identity"].items():
+        label = f"{fam}:auto (theory's t)" if name == "theory" else f"{fam}:{name}"
+        lines.append(f"| {label} | " + " | ".join(_fmt(*x) for x in d) + " |")
+    cells = " | ".join(f"{g['theory_t'][f'{k:g}']:.3g}" for k in g["at_kl"])
+    lines.append(f"| *theory's t at that KL* | {cells} |")
+    best = " | ".join(str(g["best"][f"{k:g}"] or "—") for k in g["at_kl"])
+    lines.append(f"| *measured best t* | {best} |")
+    return "\n".join(lines)
+
+
 def splice(doc: Path, name: str, text: str) -> bool:
     """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in ``doc`` by ``text``;
     False (nothing written) where the markers are missing."""
@@ -437,6 +517,7 @@ def cmd_summarize(a: argparse.Namespace) -> None:
     out = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     blocks: dict[str, str] = {}
+    guidance: dict[str, Any] = {}
     for task in TASK_PROC:
         s = summarize_task(task)
         if not s:
@@ -445,6 +526,13 @@ def cmd_summarize(a: argparse.Namespace) -> None:
         plot(s, RESULTS / f"claims-{task}.png")
         blocks[f"claims-{task}"] = markdown(s)
         blocks[f"claims-{task}-gap"] = train_vs_test(task)
+        g = t_guidance(s)
+        if g is not None:
+            guidance[TASK_PROC[task][0]] = g
+            blocks[f"claims-{task}-t-ablation"] = t_markdown(g)
+    if guidance:
+        GUIDANCE.parent.mkdir(parents=True, exist_ok=True)
+        GUIDANCE.write_text(json.dumps(_finite(guidance), indent=1, allow_nan=False) + "\n")
     if (out / "helpful").is_dir():  # the RLOO ablations read their run directories
         blocks["claims-k-ablation"] = summarize_k(out, "helpful", [16, 64, 256], 0.8)
         blocks["claims-steps-ablation"] = summarize_steps(out, "helpful", 0.8)

@@ -108,13 +108,14 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from infalign import theory
+    from infalign.theory.guidance import measured_t, measured_t_lines
 
     kls = _parse_kls(args.kl)
     if kls.size != 1:
         raise UsageError(f"--kl {args.kl!r}: solve takes one KL budget")
     rec = theory.recommend(args.procedure, float(kls[0]))
-    if args.json:
-        print(json.dumps(rec.to_dict(), indent=2))
+    if args.json:  # the exact answer, and what the offline testbed measured near it
+        print(json.dumps({**rec.to_dict(), "measured": measured_t(rec.procedure, rec.kl)}))
         return 0
     t = "" if rec.t is None else f" (t = {rec.t:.4g})"
     print(f"procedure            {rec.procedure} at KL {rec.kl:g} nats")
@@ -124,6 +125,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
     print(f"standard win rate    {rec.standard_win_rate:.4f}")
     print(f"identity win rate    {rec.identity_win_rate:.4f}")
     print(f"optimum's win rate   {rec.optimal_win_rate:.4f}  (upper bound at this KL)")
+    if measured := measured_t_lines(rec.procedure, rec.kl):
+        print("\n".join(measured))
     return 0
 
 
