@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -431,13 +432,9 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
     from infalign import theory
 
     task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
-    fam = TASK_PROC[task][1]
-    prefix = f"{fam}" if fam == "negexp" else "exp"
-    ts = sorted(
-        float(k.split("@")[0][len(prefix) :])
-        for k in summary["table"]
-        if k.endswith(f"@{algo}") and k.split("@")[0][len(prefix) :].replace(".", "").isdigit()
-    )
+    fam = TASK_PROC[task][1]  # exp:t units are named exp<t>, negexp:t units negexp<t>
+    found = (re.fullmatch(rf"{fam}(\d+(?:\.\d+)?)@{algo}", k) for k in summary["table"])
+    ts = sorted(float(m.group(1)) for m in found if m)
     if not ts:
         return None
 
@@ -445,14 +442,14 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
         d = summary["diffs"].get(f"{name}@{algo} - identity@{algo} [{proc}]")
         return [list(x) for x in d] if d else [[math.nan] * 3 + [0]] * len(at)
 
-    vs = {f"{t:g}": diff(f"{prefix}{t:g}") for t in ts}
+    vs = {f"{t:g}": diff(f"{fam}{t:g}") for t in ts}
     vs["theory"] = diff("exp")
     best: dict[str, str | None] = {}
     for j, k in enumerate(at):
         means = {name: d[j][0] for name, d in vs.items() if math.isfinite(d[j][0])}
         best[f"{k:g}"] = max(means, key=lambda n: means[n]) if means else None
     theory_t = {f"{k:g}": float(theory.resolve_transform(f"{fam}:auto", proc, kl=k).t) for k in at}
-    names = {f"{prefix}{t:g}" for t in ts}
+    names = {f"{fam}{t:g}" for t in ts}
     seeds = [int(s) for s, c in summary["points"][algo].items() if names & set(c)]
     return {
         "task": task,

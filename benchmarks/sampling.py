@@ -19,7 +19,10 @@ row until all have finished, so their cost hardly depends on the sampled lengths
 infalign's ``hf`` path around the same ``generate`` (the issue asked why infalign's generate took
 0.342 s/step against TRL's 0.288 s).
 
-Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sampling.py [--repeats 5]``.
+``--profile`` then runs ``native`` at batch 32 ``--repeats`` more times under ``torch.profiler`` and
+prints the ops by self CPU time: where the time goes that hf also spends (the matrix products).
+
+Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sampling.py [--repeats 5] [--profile]``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "recipes/demo.yaml"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--profile", action="store_true", help="profile native at batch 32 after")
     args = ap.parse_args()
 
     import torch
@@ -130,6 +134,14 @@ def main() -> None:
         if "plain-generate" in res:  # both run every row to the end: compare seconds per call
             r = res["hf"][1] / res["plain-generate"][1]
             print(f"hf/plain-generate seconds per call at batch {P * M}: {r:.2f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        sp = dataclasses.replace(cfg.sampling, max_new_tokens=new, batch_size=32, backend="native")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for seed in range(args.repeats):
+                _infalign(model, tok, prompts[:8], 4, sp, seed)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

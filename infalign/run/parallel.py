@@ -37,8 +37,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from infalign.run.config import RunConfig
+from infalign.run.runs import RunEnv
 
-__all__ = ["Unit", "run_units"]
+__all__ = ["Unit", "log_file", "run_stage", "run_units"]
 
 # ("reference", split, None) | ("method", name, beta) | ("method", None, None) for pi_ref's evaluation
 Unit = tuple[str, str | None, float | None]
@@ -79,6 +80,33 @@ def _label(unit: Unit) -> str:
     return "pi_ref" if name is None else f"{name}@beta={beta:g}"
 
 
+def log_file(cfg: RunConfig, unit: Unit) -> Path:
+    """``<out>/logs/<unit>.log``: where a worker's stderr goes while it runs ``unit``."""
+    return Path(cfg.out) / LOGS / f"{_label(unit)}.log"
+
+
+def run_stage(env: RunEnv, unit: Unit) -> None:
+    """One unit in this process, on the command's :class:`~infalign.run.runs.RunEnv`: a reference
+    split, or a method's train + evaluate, or pi_ref's evaluation (the sequential run calls this
+    too)."""
+    from infalign.run.evaluate import evaluate_stage
+    from infalign.run.reference import reference_stage
+    from infalign.run.runs import get_method
+    from infalign.run.train import train_stage
+
+    kind, name, beta = unit
+    if kind == "reference":
+        assert name is not None
+        reference_stage(env, name)
+    elif name is None:
+        evaluate_stage(env, None, None)
+    else:
+        assert beta is not None
+        m = get_method(env.cfg, name)
+        train_stage(env, m, beta)
+        evaluate_stage(env, m, beta)
+
+
 @contextlib.contextmanager
 def _stderr_to(path: Path) -> Iterator[None]:
     """File descriptor 2 (Python's and the libraries' stderr: logs, warnings, bars) into ``path``."""
@@ -95,33 +123,18 @@ def _stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-def _work(cfg: RunConfig, unit: Unit) -> Unit:
-    """One stage as its own command (in a worker process); its stderr goes to
-    ``<out>/logs/<unit>.log``."""
+def _work(cfg: RunConfig, unit: Unit) -> None:
+    """One stage as its own command (in a worker process), its stderr into :func:`log_file`."""
     from infalign.rl.signals import Terminated, sigterm_raises
-    from infalign.run.evaluate import evaluate_stage
-    from infalign.run.reference import reference_stage
-    from infalign.run.runs import command_scope, get_method, preflight
-    from infalign.run.train import train_stage
+    from infalign.run.runs import command_scope, preflight
 
-    kind, name, beta = unit
-    with _stderr_to(Path(cfg.out) / LOGS / f"{_label(unit)}.log"), sigterm_raises(replace=True):
+    with _stderr_to(log_file(cfg, unit)), sigterm_raises(replace=True):
         try:
             env = preflight(cfg)
             with command_scope(env):
-                if kind == "reference":
-                    assert name is not None
-                    reference_stage(env, name)
-                elif name is None:
-                    evaluate_stage(env, None, None)
-                else:
-                    assert beta is not None
-                    m = get_method(cfg, name)
-                    train_stage(env, m, beta)
-                    evaluate_stage(env, m, beta)
+                run_stage(env, unit)
         except KeyboardInterrupt as err:
             raise _Interrupted(isinstance(err, Terminated)) from None
-    return unit
 
 
 def _terminate(pids: Any) -> None:
@@ -148,18 +161,18 @@ def run_units(cfg: RunConfig, units: Sequence[Unit], jobs: int, desc: str = "sta
     pids = ctx.SimpleQueue()
     init = (max(1, torch.get_num_threads() // n), pids)
     pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=init)
-    futures: dict[Future[Unit], Unit] = {}
+    futures: dict[Future[None], Unit] = {}
     try:
         futures = {pool.submit(_work, cfg, u): u for u in units}
         with tqdm(total=len(units), desc=desc, unit="stage") as bar:
             for fut in as_completed(futures):
+                unit = futures[fut]
                 try:
-                    unit = fut.result()
+                    fut.result()
                 except _Interrupted as err:
                     raise (Terminated if err.terminated else KeyboardInterrupt)(str(err)) from None
                 except Exception as err:
-                    log_file = Path(cfg.out) / LOGS / f"{_label(futures[fut])}.log"
-                    err.add_note(f"(stage {_label(futures[fut])}; its log: {log_file})")
+                    err.add_note(f"(stage {_label(unit)}; its log: {log_file(cfg, unit)})")
                     raise
                 bar.set_postfix_str(_label(unit), refresh=False)
                 bar.update()

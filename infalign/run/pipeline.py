@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from infalign.run.config import RunConfig
 from infalign.run.evaluate import evaluate_stage, require_trained
+from infalign.run.parallel import Unit, run_stage, run_units
 from infalign.run.reference import ReferenceSet, reference_stage
 from infalign.run.results import results_row, write_results
 from infalign.run.runs import (
@@ -167,21 +168,18 @@ def run_all(cfg: RunConfig, report: bool = True, jobs: int = 1) -> dict[str, Any
     env = preflight(cfg)
     runs = [(m, float(b)) for m in sweep(cfg) for b in m.betas]
     check_plan(env, splits=SPLITS, train=runs, evals=[*runs, (None, None)])
+    refs: list[Unit] = [("reference", s, None) for s in SPLITS]
+    units: list[Unit] = [*(("method", m.name, b) for m, b in runs), ("method", None, None)]
     with command_scope(env):
         write_run_files(env, "run")
         if jobs > 1:
-            from infalign.run.parallel import run_units
-
-            run_units(cfg, [("reference", s, None) for s in SPLITS], jobs, desc="reference")
-            units = [("method", m.name, b) for m, b in runs]
-            run_units(cfg, [*units, ("method", None, None)], jobs, desc="sweep")
+            run_units(cfg, refs, jobs, desc="reference")
+            run_units(cfg, units, jobs, desc="sweep")
         else:
-            for split in SPLITS:
-                reference_stage(env, split)
-            for m, b in tqdm(runs, desc="sweep", unit="run"):
-                train_stage(env, m, b)
-                evaluate_stage(env, m, b)
-            evaluate_stage(env, None, None)
+            for u in refs:
+                run_stage(env, u)
+            for u in tqdm(units, desc="sweep", unit="stage"):
+                run_stage(env, u)
         results = write_results(cfg, env)
     path = _report(Path(cfg.out)) if report else None
     results["report"] = None if path is None else str(path)
