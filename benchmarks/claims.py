@@ -40,7 +40,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,27 +187,36 @@ def _tail(train_dir: Path, last: int = 5) -> dict[str, float]:
     return {k: float(sum(r[k] for r in rows if k in r) / len(rows)) for k in keys}
 
 
-def _work(
+def _work(*unit: Any) -> str:
+    """One unit (the arguments of :func:`_unit`) in a worker process, on one thread; SIGTERM
+    raises inside it like Ctrl-C, so a trainer saves its checkpoint before the worker stops."""
+    import torch
+
+    from infalign.rl.signals import sigterm_raises
+
+    torch.set_num_threads(1)
+    with sigterm_raises(replace=True):
+        return _unit(*unit)
+
+
+def _unit(
     task: str,
     out: str,
     seed: int,
     k: int | None,
     meths: list[dict[str, Any]],
     job: Any,
-    tag: str | None = None,
-    extra: dict[str, Any] | None = None,
-    algorithm: str = "rloo30",
-    summary: str | None = None,
+    tag: str | None,
+    extra: dict[str, Any] | None,
+    algorithm: str,
+    summary: str | None,
 ) -> str:
-    """One unit in a worker process: train + evaluate one method at one beta (or evaluate pi_ref);
-    with ``summary``, write the unit's results row, training tail and wall time there."""
-    import torch
-
+    """Train + evaluate one method at one beta (or evaluate pi_ref, ``job`` None); with
+    ``summary``, write the unit's results row, training tail and wall time there."""
     from infalign.run import pipeline
     from infalign.run.io import atomic_write_json
     from infalign.run.runs import RunEnv
 
-    torch.set_num_threads(1)
     cfg = _load(task, Path(out), seed, k, meths, tag, extra, algorithm)
     t0 = time.perf_counter()
     if job is None:
@@ -253,14 +261,16 @@ def _references(
 
 def _run_units(units: list[tuple[Any, ...]], jobs: int, max_minutes: float | None = None) -> int:
     """Run the units on ``jobs`` processes, in order; after ``max_minutes`` no new unit starts
-    (running ones finish). Returns the number of units that ran."""
-    import multiprocessing as mp
+    (running ones finish). Returns the number of units that ran. Ctrl-C or SIGTERM stops the
+    workers too (each saves its checkpoint), so a rerun resumes where they were."""
     from concurrent.futures import FIRST_COMPLETED, wait
+
+    from infalign.run.parallel import worker_pool
 
     t0 = time.perf_counter()
     todo, done, running = list(units), 0, set()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+    with worker_pool(jobs) as pool:
         while todo or running:
             while (
                 todo
@@ -489,7 +499,14 @@ def main(argv: list[str] | None = None) -> None:
         "ablate-k": cmd_ablate_k,
         "ablate-steps": cmd_ablate_steps,
     }
-    commands[a.cmd](a)
+    from infalign.rl.signals import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():  # SIGTERM stops the workers like Ctrl-C (they save checkpoints)
+            commands[a.cmd](a)
+    except Terminated:
+        print("terminated: rerun the same command to resume", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

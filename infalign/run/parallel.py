@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from infalign.run.config import RunConfig
 from infalign.run.runs import RunEnv
 
-__all__ = ["Unit", "log_file", "run_stage", "run_units"]
+__all__ = ["Unit", "log_file", "run_stage", "run_units", "worker_pool"]
 
 # ("reference", split, None) | ("method", name, beta) | ("method", None, None) for pi_ref's evaluation
 Unit = tuple[str, str | None, float | None]
@@ -145,25 +145,39 @@ def _terminate(pids: Any) -> None:
             os.kill(pids.get(), signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def worker_pool(n: int) -> Iterator[ProcessPoolExecutor]:
+    """``n`` spawned worker processes with ``max(1, torch threads // n)`` threads each. When the
+    block raises (a failed task, Ctrl-C, or SIGTERM under :func:`~infalign.rl.signals.sigterm_raises`)
+    pending tasks are cancelled and every worker gets SIGTERM, so none outlives the parent; a busy
+    one that runs its task under ``sigterm_raises(replace=True)`` saves its checkpoint first."""
+    import torch
+
+    ctx = mp.get_context("spawn")
+    pids = ctx.SimpleQueue()
+    init = (max(1, torch.get_num_threads() // n), pids)
+    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=init)
+    try:
+        yield pool
+    except BaseException:
+        _terminate(pids)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_units(cfg: RunConfig, units: Sequence[Unit], jobs: int, desc: str = "stages") -> None:
     """Run ``units`` on ``min(jobs, len(units))`` spawned processes; returns when all are done.
     A failed unit's exception is raised here (after the other workers are stopped), with a note
     naming its log; a worker's interrupt is raised as KeyboardInterrupt (or
     :class:`~infalign.rl.signals.Terminated`)."""
-    import torch
-
     from infalign.rl.signals import Terminated
 
     n = min(jobs, len(units))
     if n < 1:
         return
-    ctx = mp.get_context("spawn")
-    pids = ctx.SimpleQueue()
-    init = (max(1, torch.get_num_threads() // n), pids)
-    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=init)
-    futures: dict[Future[None], Unit] = {}
-    try:
-        futures = {pool.submit(_work, cfg, u): u for u in units}
+    with worker_pool(n) as pool:
+        futures: dict[Future[None], Unit] = {pool.submit(_work, cfg, u): u for u in units}
         with tqdm(total=len(units), desc=desc, unit="stage") as bar:
             for fut in as_completed(futures):
                 unit = futures[fut]
@@ -176,10 +190,3 @@ def run_units(cfg: RunConfig, units: Sequence[Unit], jobs: int, desc: str = "sta
                     raise
                 bar.set_postfix_str(_label(unit), refresh=False)
                 bar.update()
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        _terminate(pids)
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
