@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from claims import FAMILIES, LOG_SPEC, RESULTS, TASK_PROC, UNITS, _kl_tag, methods
+from claims import FAMILIES, KLS, LOG_SPEC, RESULTS, SEEDS, TASK_PROC, UNITS, _kl_tag, methods
 
 AT = (0.12, 0.18, 0.25, 0.5, 1.0)  # KLs the tables interpolate at (measured KL)
 
@@ -38,6 +38,25 @@ def load_units(task: str, algorithm: str) -> list[dict[str, Any]]:
     return [
         json.loads(f.read_text()) for f in sorted((UNITS / task / algorithm).glob("seed*/*.json"))
     ]
+
+
+def compute(task: str, algorithm: str, jobs: int = 2) -> dict[str, Any]:
+    """How much of the main sweep (``len(SEEDS)`` seeds x (pi_ref + every family's betas)) has
+    finished, and its wall time at ``jobs`` workers projected from the median unit (robust to units
+    whose clock ran while the sweep was paused)."""
+    units = load_units(task, algorithm)
+    main = [
+        u for u in units if u["unit"]["job"] is None or _family(u["unit"]["job"][0]) in FAMILIES
+    ]
+    n_all = len(SEEDS) * (1 + sum(len(m["betas"]) for m in methods(task, KLS, 1.0)))
+    med = float(np.median([u["seconds"] for u in main if u["unit"]["job"] is not None] or [np.nan]))
+    return {
+        "units_done": len(main),
+        "units_all": n_all,
+        "median_unit_seconds": med,
+        "jobs": jobs,
+        "projected_hours": n_all * med / jobs / 3600,
+    }
 
 
 def algorithms(task: str) -> list[str]:
@@ -176,6 +195,7 @@ def summarize_task(task: str) -> dict[str, Any]:
         "predicted": {k: {f"{kk:g}": v for kk, v in d.items()} for k, d in predicted.items()},
         "reference": ref,
         "points": points,
+        "compute": {a: compute(task, a) for a in per_algo},
     }
 
 
@@ -196,6 +216,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"**{task} / {proc}** ({seeds}): win rate interpolated at each KL, mean [95% t-interval "
         "over seeds] (n = seeds with a point there); — where the KL is outside every seed's "
         "measured range.",
+        "",
+        *(
+            f"Sweep `{a}`: {c['units_done']} of {c['units_all']} units finished; a unit (train + "
+            f"evaluate, one thread) takes {c['median_unit_seconds'] / 60:.0f} min (median), so the "
+            f"whole sweep is about {c['projected_hours']:.0f} h of wall time at {c['jobs']} workers."
+            for a, c in summary.get("compute", {}).items()
+        ),
         "",
         f"| method | win rate | {head} | tilt realised (slope / corr) |",
         "|---|---|" + "---|" * len(at) + "---|",
