@@ -14,6 +14,7 @@ Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/calibration.py``. Tim
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 
@@ -73,7 +74,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         t_fit = best_time(lambda: EmpiricalCalibration.fit(ref))
         cal = EmpiricalCalibration.fit(ref)
-        t_call = best_time(lambda cal=cal: cal(r))
+        t_call = best_time(functools.partial(cal, r))
         t_naive = best_time(lambda: naive(ref[:c], r[:c]), repeat=3)
         fast_q = t_call / (P * M)
         naive_q = t_naive / (c * M)

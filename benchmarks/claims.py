@@ -268,7 +268,8 @@ def _run_units(units: list[tuple[Any, ...]], jobs: int, max_minutes: float | Non
     from infalign.run.parallel import worker_pool
 
     t0 = time.perf_counter()
-    todo, done, running = list(units), 0, set()
+    todo, done = list(units), 0
+    running: set[Any] = set()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     with worker_pool(jobs) as pool:
         while todo or running:
@@ -510,4 +511,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

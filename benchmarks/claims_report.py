@@ -92,7 +92,7 @@ def t_interval(x: np.ndarray) -> tuple[float, float, float, int]:
 
     x = x[np.isfinite(x)]
     if x.size == 0:
-        return (float("nan"),) * 3 + (0,)  # type: ignore[return-value]
+        return (float("nan"), float("nan"), float("nan"), 0)
     m = float(x.mean())
     if x.size == 1:
         return m, float("nan"), float("nan"), 1
@@ -332,11 +332,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def run_rows(out: Path, task: str, k: int | None = None) -> dict[int, list[dict[str, Any]]]:
+    """{seed: results.json rows} of the first (RLOO) sweep's run directories ``out/<task>[-K<k>]``,
+    which the K and steps ablations read."""
+    base = out / (task if k is None else f"{task}-K{k}")
+    rows = {}
+    for d in sorted(base.glob("seed*")):
+        f = d / "results.json"
+        if f.is_file():
+            rows[int(d.name.removeprefix("seed"))] = json.loads(f.read_text())["rows"]
+    return rows
+
+
 def summarize_k(out: Path, task: str, ks: list[int], kl: float) -> str:
     proc = TASK_PROC[task][0]
     lines = [f"| K | {proc} win rate | standard win rate | KL | seeds |", "|---|---|---|---|---|"]
     for k in ks:
-        per_seed = load_rows(out, task, None if k == 64 else k)
+        per_seed = run_rows(out, task, None if k == 64 else k)
         name = f"exp-{_kl_tag(kl)}"
         rows = [r for rs in per_seed.values() for r in rs if r["method"] == name]
         if not rows:
@@ -423,8 +435,8 @@ def summarize_steps(out: Path, task: str, kl: float, seed: int = 0) -> str:
     ]
     runs = [(30, 1e-4, out / task / f"seed{seed}")]
     for d in sorted(out.glob(f"{task}-steps*-lr*")):
-        steps, lr = d.name.removeprefix(f"{task}-steps").split("-lr")
-        runs.append((int(steps), float(lr), d / f"seed{seed}"))
+        n_steps, lr_text = d.name.removeprefix(f"{task}-steps").split("-lr")
+        runs.append((int(n_steps), float(lr_text), d / f"seed{seed}"))
     want = {"identity": None, f"exp-{_kl_tag(kl)}": None}
     idt_beta = next(m["betas"][0] for m in methods(task, (kl,), 1.0) if m["name"] == "identity")
     for steps, lr, d in runs:
@@ -452,10 +464,12 @@ GUIDANCE = (
 
 
 def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, Any] | None:
-    """The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
-    t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
-    high, seeds) and the measured best t (largest mean difference among the ts with a point
-    there). None without ablation units. ``infalign solve`` prints it beside the exact answer."""
+    """
+        from infalign.core.transforms import auto_family
+    The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
+        t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
+        high, seeds) and the measured best t (largest mean difference among the ts with a point
+        there). None without ablation units. ``infalign solve`` prints it beside the exact answer."""
     from infalign import theory
 
     task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
@@ -475,7 +489,10 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
     for j, k in enumerate(at):
         means = {name: d[j][0] for name, d in vs.items() if math.isfinite(d[j][0])}
         best[f"{k:g}"] = max(means, key=lambda n: means[n]) if means else None
-    theory_t = {f"{k:g}": float(theory.resolve_transform(f"{fam}:auto", proc, kl=k).t) for k in at}
+    from infalign.core.transforms import auto_family
+
+    family = auto_family(f"{fam}:auto")
+    theory_t = {f"{k:g}": float(theory.best_t(family, proc, k)) for k in at}
     names = {f"{fam}{t:g}" for t in ts}
     seeds = [int(s) for s, c in summary["points"][algo].items() if names & set(c)]
     return {

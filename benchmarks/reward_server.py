@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import git_commit
+
+from infalign.run.io import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

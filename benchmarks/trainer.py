@@ -62,7 +62,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORM = "identity"
@@ -175,7 +175,7 @@ def run_infalign(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dic
         "reward_calibrated": [h["rl/reward_calibrated"] for h in history],
         "kl_token": [h["rl/kl_seq"] / h["rl/completion_length"] for h in history],
         "loss": [h["rl/loss"] for h in history],
-        "optimizer": type(trainer.optimizer.optimizer).__name__,
+        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
     }
 
 
@@ -289,7 +289,7 @@ def run_trl(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str
     problems = check_exact_ctrl(config)
     trainer = Trainer(
         model=load_model(cfg.model, trainable=True),  # TRL loads the reference from the same path
-        reward_funcs=TimedReward(load_reward(cfg.reward), TRANSFORM),
+        reward_funcs=cast(Any, TimedReward(load_reward(cfg.reward), TRANSFORM)),
         args=config,
         train_dataset=dataset,
         processing_class=load_tokenizer(cfg.model),
@@ -308,7 +308,7 @@ def run_trl(args: argparse.Namespace, cfg: Any, ref: Any, out: Path) -> dict[str
         "reward_calibrated": [h[f"rewards/{name}/mean"] for h in logs],
         "kl_token": [h["kl"] for h in logs],
         "loss": [h["loss"] for h in logs],
-        "optimizer": type(trainer.optimizer.optimizer).__name__,
+        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         "check": check,
         "exact_ctrl_problems": problems,
     }

@@ -109,11 +109,9 @@ def sampler_logprobs(model: Any, gen: Generation, sampling: SamplingConfig) -> t
 
     if gen.logprobs is not None:
         return gen.logprobs
-    lp = token_logprobs(
+    return token_logprobs(
         model, gen, temperature=sampling.temperature, micro_batch_size=sampling.batch_size
     )
-    assert isinstance(lp, torch.Tensor)
-    return lp
 
 
 def check_request(

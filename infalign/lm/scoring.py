@@ -8,7 +8,7 @@ the model once and its KV cache serves its M completions (prefix sharing).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -91,6 +91,29 @@ def _logits(
     if keep:
         kwargs["logits_to_keep"] = T + 1
     return model(**kwargs, use_cache=False).logits[:, -(T + 1) : -1]
+
+
+@overload
+def token_logprobs(
+    model: Any,
+    gen: Generation,
+    temperature: float = ...,
+    grad: bool = ...,
+    micro_batch_size: int | None = ...,
+    with_entropy: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def token_logprobs(
+    model: Any,
+    gen: Generation,
+    temperature: float = ...,
+    grad: bool = ...,
+    micro_batch_size: int | None = ...,
+    *,
+    with_entropy: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def token_logprobs(

@@ -192,13 +192,10 @@ class CTRLTrainer:
     def _ref_logprobs(self, gen: Generation) -> torch.Tensor:
         temp = self.sampling.temperature
         if self.reference is not None:
-            out = token_logprobs(self.reference, gen, temperature=temp, grad=False)
-        else:
-            model = self.accelerator.unwrap_model(self.model)
-            with model.disable_adapter():
-                out = token_logprobs(model, gen, temperature=temp, grad=False)
-        assert isinstance(out, torch.Tensor)
-        return out
+            return token_logprobs(self.reference, gen, temperature=temp, grad=False)
+        model = self.accelerator.unwrap_model(self.model)
+        with model.disable_adapter():
+            return token_logprobs(model, gen, temperature=temp, grad=False)
 
     def _calibration_rows(self, idx: list[int]) -> EmpiricalCalibration | None:
         """The calibration of prompts ``idx`` (row j <-> prompt idx[j]), or None for raw."""

@@ -289,7 +289,6 @@ class RegressionTrainer(CTRLTrainer):
                     lp = token_logprobs(
                         self.model, sub, temperature=self.sampling.temperature, grad=True
                     )
-                    assert isinstance(lp, torch.Tensor)
                     seq = sequence_logprob(lp, mask).view(len(chunk), -1)
                     part = regression_loss(
                         seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta

@@ -157,11 +157,9 @@ class RLOOTrainer(CTRLTrainer):
                     if epoch == 0:
                         sub = gen.select_prompts(chunk)
                         mask = sub.completion_mask.to(acc.device)
-                        out = token_logprobs(
+                        lp, ent = token_logprobs(
                             self.model, sub, temperature=temp, grad=True, with_entropy=True
                         )
-                        assert isinstance(out, tuple)
-                        lp, ent = out
                         ref_lp = self._ref_logprobs(sub)
                         n = len(chunk)
                         seq = sequence_logprob(lp.detach(), mask).double().cpu().view(n, -1)
@@ -179,9 +177,8 @@ class RLOOTrainer(CTRLTrainer):
                         _add(sums["loss"], loss.item() * b, b)
                     else:
                         sub, old, adv, mask = saved[ci]
-                        out = token_logprobs(self.model, sub, temperature=temp, grad=True)
-                        assert isinstance(out, torch.Tensor)
-                        loss, d = policy_gradient_loss(out, old, adv, mask, rl.clip_eps)
+                        lp = token_logprobs(self.model, sub, temperature=temp, grad=True)
+                        loss, d = policy_gradient_loss(lp, old, adv, mask, rl.clip_eps)
                         clip_fracs.append(float(d.clip_frac))
                         approx_kls.append(float(d.approx_kl))
                     acc.backward(loss * (adv.numel() * weight_per_seq))
