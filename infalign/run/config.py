@@ -177,9 +177,6 @@ class RLConfig:
     # the reference samples (scored, calibrated against the K reference rewards, log pi_ref from the
     # reference model): the target is then also imposed where the policy puts its mass. 0: offline.
     onpolicy_samples: int = 0
-    # regression only: regress a prompt's log-ratio differences (each set's per-prompt mean removed
-    # from fit and target; beta log Z drops out) instead of the absolute log-ratio
-    regression_center: bool = False
     ppo_epochs: int = 1
     clip_eps: float = 0.2
     normalize_std: bool = False  # divide advantages by the per-prompt std (changes the objective)
@@ -194,27 +191,6 @@ class RLConfig:
     # KL budget (nats) at which exp:auto / negexp:auto / optimal are resolved into a fixed transform
     # (infalign.theory.resolve_transform, for the deployed procedure ``report.procedure``)
     target_kl: float = 0.5
-
-    def _validate_regression(self, path: str) -> None:
-        """The options that only ``algorithm: regression`` has."""
-        if self.onpolicy_samples < 0:
-            _fail(f"{path}.onpolicy_samples", self.onpolicy_samples, "must be >= 0")
-        if self.onpolicy_samples > 0 and self.algorithm != "regression":
-            _fail(
-                f"{path}.onpolicy_samples",
-                self.onpolicy_samples,
-                "on-policy refresh is a rl.algorithm=regression option (rloo is on-policy already)",
-            )
-        if self.regression_center:
-            if self.algorithm != "regression":
-                _fail(f"{path}.regression_center", True, "is a rl.algorithm=regression option")
-            if self.samples_per_prompt < 2 or self.onpolicy_samples == 1:
-                _fail(
-                    f"{path}.regression_center",
-                    True,
-                    "needs >= 2 samples per prompt in each set (samples_per_prompt "
-                    f"{self.samples_per_prompt}, onpolicy_samples {self.onpolicy_samples})",
-                )
 
     def validate(self, path: str = "rl") -> None:
         from infalign.rl.algorithms import names as algorithms
@@ -250,7 +226,14 @@ class RLConfig:
                     "the KL controller is for rl.algorithm=rloo (regression's target is the optimum "
                     "at a fixed beta)",
                 )
-        self._validate_regression(path)
+        if self.onpolicy_samples < 0:
+            _fail(f"{path}.onpolicy_samples", self.onpolicy_samples, "must be >= 0")
+        if self.onpolicy_samples > 0 and self.algorithm != "regression":
+            _fail(
+                f"{path}.onpolicy_samples",
+                self.onpolicy_samples,
+                "on-policy refresh is a rl.algorithm=regression option (rloo is on-policy already)",
+            )
         if self.kl_horizon < 1:
             _fail(f"{path}.kl_horizon", self.kl_horizon, "must be >= 1")
         if not 0 < self.clip_eps < 1:

@@ -81,7 +81,6 @@ HELP: dict[str, str] = {
     "rl.warmup_steps": "linear learning-rate warm-up steps",
     "rl.max_grad_norm": "clip the gradient norm to this (<= 0: no clipping)",
     "rl.onpolicy_samples": "regression: fresh policy samples added per prompt and step",
-    "rl.regression_center": "regression: fit log-ratio differences within a prompt (log Z drops out)",
     "rl.ppo_epochs": "rloo: optimisation epochs per batch of samples",
     "rl.clip_eps": "rloo: PPO clipping epsilon (epochs 2 and later)",
     "rl.normalize_std": "rloo: divide advantages by the per-prompt std (changes the objective)",

@@ -189,7 +189,7 @@ def _training_settings(cfg: Any, c: Any) -> list[tuple[str, str]]:
         ("M (RL samples per prompt)", c("rl.samples_per_prompt")),
         (
             "RL",
-            f"{c('rl.algorithm')}: {c('rl.steps')} steps x {c('rl.prompts_per_step')} prompts, lr {c('rl.lr')}, PPO epochs {c('rl.ppo_epochs')}, on-policy samples {c('rl.onpolicy_samples')}, centred {c('rl.regression_center')}, std-normalised advantages {c('rl.normalize_std')}, seed {c('rl.seed')}",
+            f"{c('rl.algorithm')}: {c('rl.steps')} steps x {c('rl.prompts_per_step')} prompts, lr {c('rl.lr')}, PPO epochs {c('rl.ppo_epochs')}, on-policy samples {c('rl.onpolicy_samples')}, std-normalised advantages {c('rl.normalize_std')}, seed {c('rl.seed')}",
         ),
         ("auto transforms resolved at", f"KL {c('rl.target_kl')} nats for {c('report.procedure')}"),
         ("methods x betas", "; ".join(methods) or NA),

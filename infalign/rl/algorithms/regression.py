@@ -92,16 +92,8 @@ def regression_loss(
     ref_seq_logprob: torch.Tensor,
     target: torch.Tensor,
     beta: float,
-    center: bool = False,
 ) -> torch.Tensor:
     """``mean_i (beta (log pi(y_i) - log pi_ref(y_i)) - target_i)^2`` (spec 6b), any matching shape.
-
-    ``center``: fit and target minus their mean over the last axis (a prompt's samples, shape
-    (P, n)) first, so only log-ratio *differences* between a prompt's samples are regressed and
-    ``beta log Z`` drops out. Its zero set is the same tilt up to a per-prompt constant, which the
-    policy's own normalisation fixes where the samples cover its support; it removes the
-    common-mode push (every sample's log-ratio toward ``-log Z`` at once) that dominates the
-    absolute loss at small beta, where ``beta log Z`` nears the prompt's best reward.
 
     ``policy_seq_logprob`` carries the gradient; the reference log-probs and the target are
     constants. Returns a scalar in the policy's dtype.
@@ -113,11 +105,7 @@ def regression_loss(
         )
     dt = policy_seq_logprob.dtype
     fit = beta * (policy_seq_logprob - ref_seq_logprob.detach().to(dt))
-    tgt = target.detach().to(dt)
-    if center:
-        fit = fit - fit.mean(dim=-1, keepdim=True)
-        tgt = tgt - tgt.mean(dim=-1, keepdim=True)
-    return ((fit - tgt) ** 2).mean()
+    return ((fit - target.detach().to(dt)) ** 2).mean()
 
 
 def fit_diagnostics(logratio: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -303,11 +291,7 @@ class RegressionTrainer(CTRLTrainer):
                     )
                     seq = sequence_logprob(lp, mask).view(len(chunk), -1)
                     part = regression_loss(
-                        seq,
-                        rf[chunk].to(seq.device),
-                        tgt[chunk].to(seq.device),
-                        rl.beta,
-                        center=rl.regression_center,
+                        seq, rf[chunk].to(seq.device), tgt[chunk].to(seq.device), rl.beta
                     )
                     # the mean over all of the step's samples: weight by this part's share
                     loss = loss + part * (seq.numel() / (rl.prompts_per_step * n_per_prompt))
