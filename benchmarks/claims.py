@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -259,17 +260,25 @@ def _references(
     return raw_scale(src / "train")
 
 
-def _run_units(units: list[tuple[Any, ...]], jobs: int, max_minutes: float | None = None) -> int:
-    """Run the units on ``jobs`` processes, in order; after ``max_minutes`` no new unit starts
-    (running ones finish). Returns the number of units that ran. Ctrl-C or SIGTERM stops the
-    workers too (each saves its checkpoint), so a rerun resumes where they were."""
-    from concurrent.futures import FIRST_COMPLETED, wait
+def _run_units(
+    units: list[tuple[Any, ...]],
+    jobs: int,
+    max_minutes: float | None = None,
+    work: Callable[..., str] | None = None,
+) -> int:
+    """Run the units on ``jobs`` processes, in order (``work``, default :func:`_work`, takes a
+    unit's arguments); after ``max_minutes`` no new unit starts (running ones finish). A unit that
+    raises is reported and the others go on (it writes no summary, so a rerun retries it); then
+    SystemExit names the failed ones. Ctrl-C or SIGTERM stops the workers too (each saves its
+    checkpoint), so a rerun resumes where they were. Returns the number of units that ran."""
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from infalign.run.parallel import worker_pool
 
     t0 = time.perf_counter()
-    todo, done = list(units), 0
-    running: set[Any] = set()
+    todo, done, failed = list(units), 0, []
+    running: dict[Future[str], tuple[Any, ...]] = {}
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     with worker_pool(jobs) as pool:
         while todo or running:
@@ -278,19 +287,32 @@ def _run_units(units: list[tuple[Any, ...]], jobs: int, max_minutes: float | Non
                 and len(running) < jobs
                 and (deadline is None or time.perf_counter() < deadline)
             ):
-                running.add(pool.submit(_work, *todo.pop(0)))
+                unit = todo.pop(0)
+                running[pool.submit(work or _work, *unit)] = unit
             if not running:
                 break
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
+                task, _out, seed, _k, _m, job, *_ = running.pop(f)
                 done += 1
-                print(
-                    f"[{done}/{len(units)} {time.perf_counter() - t0:.0f} s] {f.result()}",
-                    flush=True,
-                )
+                try:
+                    msg = f.result()
+                except BrokenProcessPool:
+                    raise
+                except Exception as err:
+                    msg = (
+                        f"FAILED {task} seed {seed} {job or 'pi_ref'}: {type(err).__name__}: {err}"
+                    )
+                    failed.append(msg)
+                print(f"[{done}/{len(units)} {time.perf_counter() - t0:.0f} s] {msg}", flush=True)
     if todo:
         print(
             f"--max-minutes {max_minutes:g} reached: {len(todo)} units left for a rerun", flush=True
+        )
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} unit(s) failed (no summary written; a rerun retries them):\n"
+            + "\n".join(failed)
         )
     return done
 

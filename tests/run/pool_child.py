@@ -30,5 +30,12 @@ def _main() -> int:
     return 0
 
 
+def unit_or_fail(task: str, out: str, seed: int, *rest: object) -> str:
+    """A claims-sweep unit stand-in (``benchmarks/claims.py`` unit arguments): seed 1 fails."""
+    if seed == 1:
+        raise RuntimeError("diverged")
+    return f"{task} seed {seed} ok"
+
+
 if __name__ == "__main__":
     sys.exit(_main())

@@ -42,3 +42,18 @@ def test_sigterm_to_the_parent_stops_its_workers(tmp_path):
         for p in tmp_path.iterdir():
             if p.name.isdigit() and _alive(int(p.name)):
                 os.kill(int(p.name), signal.SIGKILL)
+
+
+def test_a_failing_sweep_unit_does_not_stop_the_others(capsys):
+    """``claims.py``: the other units run, the failure is printed, then SystemExit names it."""
+    import pytest
+    from pool_child import unit_or_fail
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from claims import _run_units
+
+    units = [("helpful", "out", s, None, [], ("identity", 0.1)) for s in (0, 1, 2)]
+    with pytest.raises(SystemExit, match=r"(?s)1 unit\(s\) failed.*seed 1.*RuntimeError: diverged"):
+        _run_units(units, 2, work=unit_or_fail)
+    out = capsys.readouterr().out
+    assert "helpful seed 0 ok" in out and "helpful seed 2 ok" in out
