@@ -108,7 +108,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from infalign import theory
-    from infalign.theory.guidance import measured_t, measured_t_lines
+    from infalign.theory.guidance import measured_t, measured_t_lines, robust_t_lines
 
     kls = _parse_kls(args.kl)
     if kls.size != 1:
@@ -125,8 +125,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
     print(f"standard win rate    {rec.standard_win_rate:.4f}")
     print(f"identity win rate    {rec.identity_win_rate:.4f}")
     print(f"optimum's win rate   {rec.optimal_win_rate:.4f}  (upper bound at this KL)")
-    if measured := measured_t_lines(rec.procedure, rec.kl):
-        print("\n".join(measured))
+    if lines := [*robust_t_lines(rec), *measured_t_lines(rec.procedure, rec.kl)]:
+        print("\n".join(lines))
     return 0
 
 

@@ -18,7 +18,7 @@ from infalign.core.procedures import Procedure, parse_procedure
 from infalign.core.transforms import FAMILIES, Transform
 from infalign.theory.tilted import check_kl, lambda_for_kl, phi_nodes, tilt, win_rates
 
-__all__ = ["T_RANGE", "best_t", "best_t_many", "family_class"]
+__all__ = ["T_RANGE", "best_t", "best_t_many", "family_class", "smallest_t_within"]
 
 T_RANGE = (1e-3, 1e6)  # the t searched; spikes of width 1/t stay far above the grid's 1e-10
 _T_GRID = np.geomspace(0.05, 400.0, 14)  # the first scan; widened by its own ratio when needed
@@ -116,3 +116,27 @@ def best_t(family: Any, procedure: Procedure | str, kl: float) -> float:
             f"t -> inf a step; or the KL is out of reach); give {cls.name}:T or use 'optimal'"
         )
     return t
+
+
+def smallest_t_within(
+    family: Any, procedure: Procedure | str, kl: float, tol: float = 0.005
+) -> float:
+    """The smallest t whose win rate at ``kl`` is within ``tol`` of the family's best (``best_t``):
+    the first of 41 t's log-spaced from best / 1e4 to best that is, then again on 41 t's between it
+    and the one before (to 0.6 % in t).
+
+    The argmax can sit on a plateau along which beta falls by orders of magnitude for a gain below
+    ``tol``: worst-of-4 at KL 1 has negexp:16 at beta 2.4e-5 and negexp:4 at beta 0.029 for 0.0025
+    less. A reward scaled by 1/beta that large is ill-conditioned for a trained policy (the harmless
+    sweep's negexp:auto@1 unit ran to KL 179), so ``recommend`` reports this t beside the best.
+    """
+    cls, proc = family_class(family), parse_procedure(procedure)
+    k = check_kl(kl)
+    t_best = best_t(cls, proc, float(k[0]))
+    w_best = float(_family_win_rates(cls, np.array([t_best]), k, proc)[0])
+    lo, hi = max(T_RANGE[0], t_best / 1e4), t_best
+    for _ in range(2):
+        ts = np.geomspace(lo, hi, 41)
+        i = int(np.argmax(_family_win_rates(cls, ts, np.full(ts.size, k[0]), proc) >= w_best - tol))
+        lo, hi = ts[max(i - 1, 0)], ts[i]
+    return float(hi)

@@ -18,9 +18,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from infalign.theory.specs import parse_procedure
+from infalign.theory.specs import Recommendation, parse_procedure
 
-__all__ = ["measured_t", "measured_t_lines"]
+__all__ = ["measured_t", "measured_t_lines", "robust_t_lines"]
 
 
 @cache
@@ -82,4 +82,16 @@ def measured_t_lines(procedure: str, kl: float) -> list[str]:
         *(f"  {c}" for c in cells),
         f"  best measured: {best_name}. A real optimiser realises part of the tilt, and a large t "
         "puts it on the top quantiles it fits worst: try a smaller t too (docs/results.md).",
+    ]
+
+
+def robust_t_lines(rec: Recommendation) -> list[str]:
+    """``solve``'s line for the smallest t within 0.005 of the best win rate, where its beta is more
+    than twice the best t's (the argmax sits on a plateau; the larger beta is far easier to train)."""
+    if rec.robust_beta is None or rec.robust_beta <= 2 * rec.beta:
+        return []
+    return [
+        f"robust alternative   {rec.robust_transform}, beta {rec.robust_beta:.4g}, win rate "
+        f"{rec.robust_win_rate:.4f} (the smallest t within 0.005 of the best: a {rec.robust_beta / rec.beta:.0f}x "
+        "larger beta, which a trained policy can follow; docs/results.md)"
     ]

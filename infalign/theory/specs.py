@@ -13,7 +13,7 @@ import numpy as np
 
 from infalign.core.procedures import BestOfN, Procedure, Sample, WorstOfN, parse_procedure
 from infalign.core.transforms import Transform, auto_family, parse_transform
-from infalign.theory.families import T_RANGE, best_t, best_t_many
+from infalign.theory.families import T_RANGE, best_t, best_t_many, smallest_t_within
 from infalign.theory.optimum import optimal_policies, optimal_policy
 from infalign.theory.quadrature import GRID
 from infalign.theory.tilted import (
@@ -199,6 +199,10 @@ class Recommendation:
     identity_win_rate: float
     optimal_win_rate: float
     optimal_beta: float
+    # the smallest t within 0.005 of the best win rate (``smallest_t_within``), its beta and win rate
+    robust_transform: str | None = None
+    robust_beta: float | None = None
+    robust_win_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -223,6 +227,12 @@ def recommend(procedure: Procedure | str, kl: float) -> Recommendation:
     best = max(candidates, key=lambda r: r.win_rate)
     ident = next(r for r in rows if r.transform == "identity")
     opt = optimal_policy(proc, kl=float(k[0]))
+    robust: list[Any] = [None] * 3
+    if best.t is not None:
+        fam = best.resolved.split(":")[0]
+        t = smallest_t_within(fam, proc, float(k[0]))
+        row = frontier(proc, [f"{fam}:{t:.4g}"], k)[0]
+        robust = [row.resolved, row.beta, row.win_rate]
     return Recommendation(
         str(proc),
         float(k[0]),
@@ -234,4 +244,5 @@ def recommend(procedure: Procedure | str, kl: float) -> Recommendation:
         ident.win_rate,
         opt.win_rate(proc),
         opt.beta,
+        *robust,
     )

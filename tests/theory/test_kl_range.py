@@ -49,6 +49,24 @@ def test_each_recommendation_is_consistent_at_its_kl(proc, kls):
         assert pol.kl() == pytest.approx(kl, rel=1e-6)  # the transform and beta are at this KL
         assert pol.win_rate(proc) == pytest.approx(rec.win_rate, abs=1e-9)
         assert rec.identity_win_rate <= rec.win_rate <= rec.optimal_win_rate + 1e-9, kl
+        # the robust t: a member of the same family at this KL, within 0.005 of the best
+        rob = TiltedPolicy(parse_transform(rec.robust_transform), rec.robust_beta)
+        assert rec.robust_transform.split(":")[0] == rec.transform.split(":")[0]
+        assert rob.kl() == pytest.approx(kl, rel=1e-6)
+        assert rob.win_rate(proc) == pytest.approx(rec.robust_win_rate, abs=1e-9)
+        assert rec.win_rate - 0.005 - 1e-6 <= rec.robust_win_rate <= rec.win_rate + 1e-9, kl
+        assert parse_transform(rec.robust_transform).t <= rec.t * (1 + 1e-9)
+
+
+def test_robust_t_is_the_smallest_within_the_tolerance():
+    """worst-of-4 at KL 1: the best t needs beta ~2e-5; the smallest t within 0.005 has a beta over
+    1000x larger, and a t 3 % smaller falls outside the tolerance (the grid's 1.2 % step)."""
+    rec = recommend("won:4", 1.0)
+    assert rec.robust_beta > 1000 * rec.beta
+    t = parse_transform(rec.robust_transform).t
+    smaller = theory.frontier("won:4", [f"negexp:{t / 1.03:.6g}"], [1.0])[0]
+    assert smaller.win_rate < rec.win_rate - 0.005
+    assert recommend("sample", 0.5).robust_transform is None  # identity has no t
 
 
 def test_recommend_takes_one_kl():
