@@ -119,7 +119,11 @@ def best_t(family: Any, procedure: Procedure | str, kl: float) -> float:
 
 
 def smallest_t_within(
-    family: Any, procedure: Procedure | str, kl: float, tol: float = 0.005
+    family: Any,
+    procedure: Procedure | str,
+    kl: float,
+    tol: float = 0.005,
+    t_best: float | None = None,
 ) -> float:
     """The smallest t whose win rate at ``kl`` is within ``tol`` of the family's best (``best_t``):
     the first of 41 t's log-spaced from best / 1e4 to best that is, then again on 41 t's between it
@@ -129,10 +133,12 @@ def smallest_t_within(
     ``tol``: worst-of-4 at KL 1 has negexp:16 at beta 2.4e-5 and negexp:4 at beta 0.029 for 0.0025
     less. A reward scaled by 1/beta that large is ill-conditioned for a trained policy (the harmless
     sweep's negexp:auto@1 unit ran to KL 179), so ``recommend`` reports this t beside the best.
+    ``t_best``: the family's ``best_t`` at this KL, when the caller has it already.
     """
     cls, proc = family_class(family), parse_procedure(procedure)
     k = check_kl(kl)
-    t_best = best_t(cls, proc, float(k[0]))
+    if t_best is None:
+        t_best = best_t(cls, proc, float(k[0]))
     w_best = float(_family_win_rates(cls, np.array([t_best]), k, proc)[0])
     lo, hi = max(T_RANGE[0], t_best / 1e4), t_best
     for _ in range(2):

@@ -230,7 +230,7 @@ def recommend(procedure: Procedure | str, kl: float) -> Recommendation:
     robust: list[Any] = [None] * 3
     if best.t is not None:
         fam = best.resolved.split(":")[0]
-        t = smallest_t_within(fam, proc, float(k[0]))
+        t = smallest_t_within(fam, proc, float(k[0]), t_best=best.t)
         row = frontier(proc, [f"{fam}:{t:.4g}"], k)[0]
         robust = [row.resolved, row.beta, row.win_rate]
     return Recommendation(

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CHILD = Path(__file__).with_name("pool_child.py")
 
 
@@ -46,7 +48,6 @@ def test_sigterm_to_the_parent_stops_its_workers(tmp_path):
 
 def test_a_failing_sweep_unit_does_not_stop_the_others(capsys):
     """``claims.py``: the other units run, the failure is printed, then SystemExit names it."""
-    import pytest
     from pool_child import unit_or_fail
 
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
