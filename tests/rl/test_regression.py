@@ -3,6 +3,7 @@ the cached reference samples, resumes exactly, validates its inputs, and runs th
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -88,10 +89,25 @@ def test_pure_math_of_the_target():
     assert torch.allclose(lp.grad, torch.tensor([[-1.0, 3.0]]))
     f = fit_diagnostics(2 * t, t)
     assert f["slope"] == pytest.approx(2.0) and f["corr"] == pytest.approx(1.0)
-    lr = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
-    assert torch.allclose(snis_kl(lr)[0], torch.tensor(0.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="same shape"):
         regression_loss(lp, torch.zeros(2), torch.zeros(1, 2), 1.0)
+
+
+def test_snis_kl_is_a_nonnegative_consistent_estimate():
+    lr = torch.tensor([[0.0, 0.0], [1.0, -1.0], [-200.0, -190.0]])
+    kl = snis_kl(lr)
+    assert kl[0] == 0.0  # pi == pi_ref on the samples
+    # mass moved off the samples (every log-ratio very negative): still in [0, log k], not -195
+    assert bool(((kl >= 0) & (kl <= math.log(2) + 1e-12)).all())
+    assert torch.allclose(snis_kl(lr + 7.0), kl)  # a shift of the log-ratios changes nothing
+    # consistent: a tilted categorical with a known KL, sampled from pi_ref
+    g = torch.Generator().manual_seed(0)
+    ref = torch.softmax(torch.randn(50, generator=g, dtype=torch.float64), 0)
+    pi = torch.softmax(ref.log() + torch.randn(50, generator=g, dtype=torch.float64), 0)
+    exact = float((pi * (pi / ref).log()).sum())
+    y = torch.multinomial(ref, 200_000, replacement=True, generator=g)
+    est = float(snis_kl((pi / ref).log()[y].unsqueeze(0))[0])
+    assert est == pytest.approx(exact, rel=0.02)
 
 
 def test_training_fits_the_target(tiny_lm, refset, tmp_path):

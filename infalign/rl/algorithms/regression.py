@@ -126,11 +126,18 @@ def fit_diagnostics(logratio: torch.Tensor, target: torch.Tensor) -> dict[str, f
 
 
 def snis_kl(logratio: torch.Tensor) -> torch.Tensor:
-    """Self-normalised importance estimate of ``KL(pi || pi_ref)`` per prompt from samples of
-    pi_ref: ``sum_k w_k logratio_k`` with ``w = softmax_k(logratio)``. (P, k) -> (P,). Biased for
-    small k (a monitor, not the evaluation's estimate)."""
+    """Self-normalised importance estimate of ``KL(pi || pi_ref)`` per prompt from k samples of
+    pi_ref: ``KL(w || uniform) = sum_k w_k (logratio_k - log mean_j exp(logratio_j))`` with
+    ``w = softmax_k(logratio)``. (P, k) -> (P,).
+
+    The KL of the policy reweighted onto the k samples from the uniform weights: in ``[0, log k]``,
+    invariant to a shift of the log-ratios, and consistent (``mean exp(logratio) -> 1`` as k grows).
+    The plain ``sum_k w_k logratio_k`` goes negative, without bound, once the policy moves its mass
+    off the samples. Biased low for small k: a monitor, not the evaluation's estimate.
+    """
     lr = logratio.double()
-    return (torch.softmax(lr, dim=1) * lr).sum(dim=1)
+    log_mean = torch.logsumexp(lr, dim=1, keepdim=True) - math.log(lr.shape[1])
+    return (torch.softmax(lr, dim=1) * (lr - log_mean)).sum(dim=1)
 
 
 class RegressionTrainer(CTRLTrainer):
