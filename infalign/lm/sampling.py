@@ -24,6 +24,7 @@ rows is seeded with ``derive_seed(seed, i)`` and the global RNG state is left un
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Protocol
 
 import torch
@@ -44,6 +45,19 @@ __all__ = [
     "sample",
     "sampler_logprobs",
 ]
+
+
+class _NoPaddingFalseAlarm(logging.Filter):
+    """Drops transformers' "We strongly recommend passing in an `attention_mask`" warning. ``generate``
+    itself drops an all-ones mask (a chunk whose prompts have equal length); once a row has finished,
+    its pad (= EOS) token then trips GPT-2's padding check, though nothing is padded. The mask is
+    always passed (``hf_sample``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_NoPaddingFalseAlarm())
 
 # backend -> (module, attribute); modules are imported only when their backend is asked for
 _REGISTRY: dict[str, tuple[str, str]] = {
