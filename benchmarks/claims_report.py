@@ -418,6 +418,37 @@ def train_vs_test(task: str) -> str:
     return "\n".join(lines)
 
 
+def trainprompt_gap(task: str) -> str:
+    """Held-out vs training prompts, unit by unit, for every unit that ``claims.py eval-train``
+    re-evaluated (``seed<s>/trainprompts/<unit>.json``): KL, win rate under the task's procedure
+    and the gap to the calibrated-space optimum at that KL (the row's ``theory_bound``; — past the
+    grid's reach, where the bound is within 1e-4 of 1)."""
+    proc = TASK_PROC[task][0]
+
+    def cells(row: dict[str, Any]) -> str:
+        kl, w = row["kl"]["mean"], row["win_rate"][proc]["mean"]
+        if row["method"] == "reference":
+            return f"0 | {w:.3f} | —"
+        b = (row.get("theory_bound") or {}).get(proc)
+        return f"{kl:.3g} | {w:.3f} | {'—' if b is None else f'{b - w:.3f}'}"
+
+    lines = [
+        f"| seed | method | beta | held-out KL | {proc} | gap | training-prompt KL | {proc} | gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for algo in algorithms(task):
+        for f in sorted((UNITS / task / algo).glob("seed*/trainprompts/*.json")):
+            held = json.loads((f.parent.parent / f.name).read_text())["row"]
+            train = json.loads(f.read_text())["row"]
+            name = held["method"] if held["method"] == "reference" else _family(held["method"])
+            beta = "—" if held.get("beta") is None else f"{held['beta']:.4g}"
+            lines.append(
+                f"| {f.parent.parent.name[4:]} | {_label(task, f'{name}@{algo}')} | {beta} "
+                f"| {cells(held)} | {cells(train)} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _last(d: Path, train: str, key: str, last: int = 5) -> float:
     lines = (d / train / "metrics.jsonl").read_text().splitlines()
     return float(np.mean([json.loads(x)[key] for x in lines if x.strip()][-last:]))
@@ -567,6 +598,8 @@ def cmd_summarize(a: argparse.Namespace) -> None:
         plot(s, RESULTS / f"claims-{task}.png")
         blocks[f"claims-{task}"] = markdown(s)
         blocks[f"claims-{task}-gap"] = train_vs_test(task)
+        if tp := trainprompt_gap(task):
+            blocks[f"claims-{task}-trainprompts"] = tp
         g = t_guidance(s)
         if g is not None:
             guidance[TASK_PROC[task][0]] = g
