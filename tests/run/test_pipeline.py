@@ -18,7 +18,7 @@ from infalign.run.config import MethodConfig
 from infalign.run.keys import config_diff, train_key
 from infalign.run.recipe import load_config
 from infalign.run.runs import RunEnv, beta_name
-from infalign.run.train import resolve_transform
+from infalign.run.train import TILT_WARN_NATS, _warn_steep_tilt, resolve_transform, tilt_span
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -116,6 +116,21 @@ def test_changed_stage_config_is_an_error_naming_the_field(assets, tmp_path):
         pipeline.run_reference(changed, "test")
     # settings that do not change the artifact do not invalidate it
     pipeline.run_reference(_cfg(assets, tmp_path / "run", **{"reward.batch_size": 3}), "test")
+
+
+def test_a_steep_tilt_is_warned_before_training(assets, tmp_path, caplog):
+    cfg = _cfg(assets, tmp_path / "r", **{"report.procedure": "won:4"})
+    identity, _ = resolve_transform(cfg, MethodConfig("m", "identity"))
+    assert tilt_span(identity, 0.1) == pytest.approx(10.0)
+    assert tilt_span(None, 0.1) is None  # raw: the scale is the reward's
+    # the theory's negexp at KL 1 (beta ~2e-5): the claims sweep's runaway unit
+    tf, info = resolve_transform(cfg, MethodConfig("m", "negexp:auto@1"))
+    assert tilt_span(tf, info["theory_beta"]) > 1e4
+    with caplog.at_level(logging.WARNING, logger="infalign"):
+        _warn_steep_tilt(identity, 1.0 / TILT_WARN_NATS * 1.01, "train/a")
+        _warn_steep_tilt(tf, info["theory_beta"], "train/b")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("train/b: beta 2.4") and "robust t" in said[0]
 
 
 def test_interrupted_training_resumes(assets, tmp_path, caplog):
