@@ -24,8 +24,9 @@ __all__ = ["TILT_WARN_NATS", "resolve_transform", "tilt_span", "train_stage"]
 
 log = logging.getLogger(__name__)
 
-# Measured, not derived: in the claims sweep (docs/results.md) runs whose optimum asked for a
-# log-ratio span of 77-4e4 nats overshot their KL budget 7-180x or did not train; <= 20 did not.
+# Measured, not derived (docs/results.md, the claims sweep): runs whose optimum asked for a log-ratio
+# span of 77-4e4 nats overshot their KL budget 7-180x, did not train, or fell below pi_ref's win
+# rate; those at <= 20 nats stayed within 2.5x of their budget.
 TILT_WARN_NATS = 50.0
 
 
@@ -67,8 +68,9 @@ def _warn_steep_tilt(tf: Any, beta: float, what: str) -> None:
     if span is not None and span > TILT_WARN_NATS:
         log.warning(
             "%s: beta %.3g asks for log-ratios %.3g nats apart ((Phi(1) - Phi(0)) / beta); trained "
-            "LMs have not followed targets past ~%g nats (they overshoot the KL budget many times "
-            "or do not move). `infalign solve` prints a robust t with a larger beta.",
+            "LMs have not followed targets past ~%g nats (they overshot the KL budget many times, "
+            "did not move, or lost to pi_ref). `infalign solve` prints a robust t with a larger "
+            "beta.",
             what, beta, span, TILT_WARN_NATS,
         )  # fmt: skip
 
