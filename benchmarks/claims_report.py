@@ -145,7 +145,8 @@ def summarize_task(task: str) -> dict[str, Any]:
             ]
             if tr:
                 transfer[key] = {k: float(np.mean([t[k] for t in tr])) for k in ("slope", "corr")}
-        pairs = [("exp", "identity"), ("exp", "raw"), ("identity", "raw"), ("optimal", "identity")]
+        pairs = [("exp", "identity"), ("exp", "raw"), ("identity", "raw")]
+        pairs += [("optimal", "identity"), ("log", "identity")]
         pairs += [(f, "identity") for f in fams if f not in FAMILIES]
         for a, b in pairs:
             for col, what in ((1, proc), (2, "sample")):
