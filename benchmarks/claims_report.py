@@ -496,12 +496,10 @@ GUIDANCE = (
 
 
 def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, Any] | None:
-    """
-        from infalign.core.transforms import auto_family
-    The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
-        t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
-        high, seeds) and the measured best t (largest mean difference among the ts with a point
-        there). None without ablation units. ``infalign solve`` prints it beside the exact answer."""
+    """The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
+    t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
+    high, seeds) and the measured best t (largest mean difference among the ts with a point there).
+    None without ablation units. ``infalign solve`` prints it beside the exact answer."""
     from infalign import theory
 
     task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
