@@ -76,12 +76,13 @@ def measured_t_lines(procedure: str, kl: float) -> list[str]:
     ]
     best = m["best"]
     best_name = f"the theory's t ({tt:.3g})" if best == "theory" else f"t = {best}"
+    end = "bottom" if fam == "negexp" else "top"  # where exp / negexp put their tilt
     return [
         f"measured, not exact: the offline testbed ({m['task']}, rl.algorithm {m['algorithm']}, "
         f"seeds {m['seeds']}) at KL {m['kl']:g}, win rate minus identity's:",
         *(f"  {c}" for c in cells),
         f"  best measured: {best_name}. A real optimiser realises part of the tilt, and a large t "
-        "puts it on the top quantiles it fits worst: try a smaller t too (docs/results.md).",
+        f"puts it on the {end} quantiles it fits worst: try a smaller t too (docs/results.md).",
     ]
 
 

@@ -70,6 +70,12 @@ def test_lines_state_each_t_and_the_best(synth):
     assert lines[2] == "  exp:auto (t 17.3) no run reached this KL"
     assert "best measured: t = 2" in lines[3]
     assert "the theory's t (10.6)" in guidance.measured_t_lines("bon:4", 0.25)[-1]
+    assert "on the top quantiles" in lines[3]  # exp tilts the top; negexp the bottom
+    neg = {"won:4": {**SYNTH["bon:4"], "task": "harmless", "family": "negexp"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(guidance, "_table", lambda: neg)
+        last = guidance.measured_t_lines("won:4", 1.0)[-1]
+    assert "on the bottom quantiles" in last
 
 
 def test_solve_prints_and_returns_the_guidance(synth, capsys):
