@@ -333,6 +333,35 @@ def _raw_scale(task: str, out: Path, seeds: list[int], algorithm: str) -> float:
     return scale
 
 
+def _methods_file(task: str, algorithm: str) -> Path:
+    return UNITS / task / algorithm / "methods.json"
+
+
+def pinned(task: str, algorithm: str, meths: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``meths`` with each method's resolved transform and betas as the first seed that ran it
+    chose them, committed in ``methods.json`` beside the unit summaries; new methods are added.
+    The auto-t search and the beta root-finding are flat near their answer at large KL: between
+    two sessions' code, harmless ``negexp:auto@2`` moved from t 17.69, beta 1.042e-07 to t 18.17,
+    beta 6.979e-08, which would have made seeds 2-4 run another unit than seeds 0-1."""
+    from infalign import theory
+
+    proc = TASK_PROC[task][0]
+    f = _methods_file(task, algorithm)
+    pins = json.loads(f.read_text())["methods"] if f.is_file() else {}
+    out = []
+    for m in meths:
+        if m["name"] not in pins:
+            spec = m["transform"]
+            kl = float(spec.split("@")[1]) if "@" in spec else None
+            if spec.split("@")[0].endswith(":auto"):  # pin t; "optimal@k" is a table, kept as is
+                spec = str(theory.resolve_transform(spec, proc, kl=kl))
+            pins[m["name"]] = {"transform": spec, "betas": m["betas"]}
+        out.append({"name": m["name"], **pins[m["name"]]})
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"methods": pins}, indent=1) + "\n")
+    return out
+
+
 def _sweep(
     task: str,
     out: Path,
@@ -367,7 +396,7 @@ def _sweep(
 def cmd_run(a: argparse.Namespace) -> None:
     out, seeds = Path(a.out), list(a.seeds)
     scale = _raw_scale(a.task, out, seeds, a.algorithm)
-    meths = methods(a.task, tuple(a.kls), scale)
+    meths = pinned(a.task, a.algorithm, methods(a.task, tuple(a.kls), scale))
     print(f"{a.task}: raw-reward scale {scale:.3f}; methods:", flush=True)
     for m in meths:
         print(f"  {m['name']:<16} {m['transform']:<18} betas {m['betas']}", flush=True)
@@ -390,7 +419,7 @@ def t_methods(task: str, kls: tuple[float, ...], ts: tuple[float, ...]) -> list[
 
 def cmd_ablate_t(a: argparse.Namespace) -> None:
     out, seeds = Path(a.out), list(a.seeds)
-    meths = t_methods(a.task, tuple(a.kls), tuple(a.ts))
+    meths = pinned(a.task, a.algorithm, t_methods(a.task, tuple(a.kls), tuple(a.ts)))
     for m in meths:
         print(f"  {m['name']:<16} {m['transform']:<18} betas {m['betas']}", flush=True)
     _sweep(a.task, out, seeds, a.algorithm, meths, a.jobs, a.max_minutes)
