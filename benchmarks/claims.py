@@ -352,9 +352,8 @@ def pinned(task: str, algorithm: str, meths: list[dict[str, Any]]) -> list[dict[
     for m in meths:
         if m["name"] not in pins:
             spec = m["transform"]
-            kl = float(spec.split("@")[1]) if "@" in spec else None
             if spec.split("@")[0].endswith(":auto"):  # pin t; "optimal@k" is a table, kept as is
-                spec = str(theory.resolve_transform(spec, proc, kl=kl))
+                spec = str(theory.resolve_transform(spec, proc, kl=float(spec.split("@")[1])))
             pins[m["name"]] = {"transform": spec, "betas": m["betas"]}
         out.append({"name": m["name"], **pins[m["name"]]})
     f.parent.mkdir(parents=True, exist_ok=True)
