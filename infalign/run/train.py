@@ -24,10 +24,10 @@ __all__ = ["TILT_WARN_NATS", "resolve_transform", "tilt_span", "train_stage"]
 
 log = logging.getLogger(__name__)
 
-# Measured, not derived (docs/results.md, the claims sweep): runs whose optimum asked for a log-ratio
-# span of 53-4e4 nats overshot their KL budget 4-180x, did not train, or fell below pi_ref's win
-# rate; those at <= 20 nats stayed within 2.5x of their budget.
-TILT_WARN_NATS = 50.0
+# Measured, not derived (docs/results.md, the claims sweep): every run whose optimum asked for a
+# log-ratio span of 34-4e4 nats overshot its KL budget 1.7-250x, did not move, or fell below pi_ref's
+# win rate (harmless: 3.75-250x past 34 nats); those at <= 24 nats stayed within 2.5x of their budget.
+TILT_WARN_NATS = 30.0
 
 
 def resolve_transform(cfg: RunConfig, method: MethodConfig) -> tuple[Any, dict[str, Any]]:
