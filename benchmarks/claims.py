@@ -19,7 +19,9 @@ copied to every seed's run directory. Work runs in ``--jobs`` single-threaded pr
 pi_ref's row) writes its summary to ``docs/results/claims/<task>/<algorithm>/seed<s>/<unit>.json``
 (the results row, the last training steps' metrics, wall time); commit them. A rerun skips every unit
 whose summary exists, even where ``runs/`` is gone, and ``--max-minutes`` stops handing out new units
-after that long, so a sweep can be spread over several sessions. Units run seed by seed.
+after that long, so a sweep can be spread over several sessions. Units run seed by seed. Each
+method's resolved t and betas are fixed the first time it runs, in ``methods.json`` beside the
+summaries (:func:`pinned`), so every seed and machine trains the same units.
 
     python benchmarks/claims.py run --task helpful          # 5 seeds x 20 trained policies + pi_ref
     python benchmarks/claims.py run --task harmless
