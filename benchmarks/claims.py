@@ -350,17 +350,17 @@ def pinned(task: str, algorithm: str, meths: list[dict[str, Any]]) -> list[dict[
     proc = TASK_PROC[task][0]
     f = _methods_file(task, algorithm)
     pins = json.loads(f.read_text())["methods"] if f.is_file() else {}
-    out = []
-    for m in meths:
-        if m["name"] not in pins:
-            spec = m["transform"]
-            if spec.split("@")[0].endswith(":auto"):  # pin t; "optimal@k" is a table, kept as is
-                spec = str(theory.resolve_transform(spec, proc, kl=float(spec.split("@")[1])))
-            pins[m["name"]] = {"transform": spec, "betas": m["betas"]}
-        out.append({"name": m["name"], **pins[m["name"]]})
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"methods": pins}, indent=1) + "\n")
-    return out
+    new = [m for m in meths if m["name"] not in pins]
+    for m in new:
+        spec = m["transform"]
+        base, kl = theory.split_target(spec)
+        if kl is not None and base != "optimal":  # pin exp|negexp:auto's t; optimal is a table
+            spec = str(theory.resolve_transform(spec, proc, kl=kl))
+        pins[m["name"]] = {"transform": spec, "betas": m["betas"]}
+    if new:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"methods": pins}, indent=1) + "\n")
+    return [{"name": m["name"], **pins[m["name"]]} for m in meths]
 
 
 def _sweep(
