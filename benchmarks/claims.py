@@ -504,6 +504,42 @@ def cmd_ablate_steps(a: argparse.Namespace) -> None:
     _run_units(units, a.jobs)
 
 
+def cmd_tilt(a: argparse.Namespace) -> None:
+    """Every committed unit's tilt span ``(Phi(1) - Phi(0)) / beta`` (``train.tilt_span``) against
+    how far its measured KL overshot the budget that placed its beta: the basis of
+    ``train.TILT_WARN_NATS`` (docs/results.md). Raw and optimal (no closed-form Phi) are left out."""
+    from infalign.core.transforms import parse_transform
+    from infalign.run.train import tilt_span
+
+    rows = []
+    for task in sorted(TASK_PROC):
+        f = _methods_file(task, a.algorithm)
+        if not f.is_file():
+            continue
+        pins = json.loads(f.read_text())["methods"]
+        for u in sorted((UNITS / task / a.algorithm).glob("seed*/*@*.json")):
+            r = json.loads(u.read_text())["row"]
+            pin = pins.get(r["method"])
+            if pin is None or pin["transform"] == "raw" or pin["transform"].startswith("optimal"):
+                continue
+            name = r["method"]
+            k = (
+                float(name.split("-kl")[1])
+                if "-kl" in name
+                else a.kls[pin["betas"].index(r["beta"])]
+            )
+            span = tilt_span(parse_transform(pin["transform"]), r["beta"])
+            rows.append((span, task, u.parent.name, name, r["beta"], k, r["kl"]["mean"]))
+    print(
+        "| tilt span (nats) | task | seed | method | beta | KL budget | measured KL | overshoot |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for span, task, seed, name, beta, k, kl in sorted(rows):
+        print(
+            f"| {span:.3g} | {task} | {seed} | {name} | {beta:g} | {k:g} | {kl:.3g} | {kl / k:.2f}x |"
+        )
+
+
 def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths: Any) -> None:
     from infalign.run import pipeline
 
@@ -514,17 +550,17 @@ def _write_results(task: str, out: Path, seeds: list[int], k: int | None, meths:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "ablate-t", "eval-train", "ablate-k", "ablate-steps", "summarize"):
+    for name in ("run", "ablate-t", "eval-train", "ablate-k", "ablate-steps", "summarize", "tilt"):
         q = sub.add_parser(name)
         q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
-        if name in ("run", "ablate-t", "eval-train"):
+        if name in ("run", "ablate-t", "eval-train", "tilt"):
             q.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="regression")
             q.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
             q.add_argument("--kls", type=float, nargs="+", default=None)
             q.add_argument("--max-minutes", type=float, default=None)
-        elif name != "summarize":
+        elif name not in ("summarize", "tilt"):
             q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        if name != "summarize":
+        if name not in ("summarize", "tilt"):
             q.add_argument("--task", choices=sorted(TASK_PROC), default="helpful")
             q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
         if name == "ablate-t":
@@ -551,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval-train": cmd_eval_train,
         "ablate-k": cmd_ablate_k,
         "ablate-steps": cmd_ablate_steps,
+        "tilt": cmd_tilt,
     }
     from infalign.rl.signals import Terminated, sigterm_raises
 
