@@ -92,6 +92,11 @@ def _kl_tag(k: float) -> str:
     return f"kl{k:g}"
 
 
+def _kl_of(name: str) -> float | None:
+    """The KL budget in a per-budget method's name (``exp-kl0.5`` -> 0.5), None for other methods."""
+    return float(name.split("-kl")[1]) if "-kl" in name else None
+
+
 def run_dir(
     out: Path, task: str, seed: int, k: int | None = None, algorithm: str = "rloo30"
 ) -> Path:
@@ -523,11 +528,9 @@ def cmd_tilt(a: argparse.Namespace) -> None:
             if pin is None or pin["transform"] == "raw" or pin["transform"].startswith("optimal"):
                 continue
             name = r["method"]
-            k = (
-                float(name.split("-kl")[1])
-                if "-kl" in name
-                else a.kls[pin["betas"].index(r["beta"])]
-            )
+            k = _kl_of(name)
+            if k is None:  # a fixed transform: its betas are listed in budget order
+                k = a.kls[pin["betas"].index(r["beta"])]
             span = tilt_span(parse_transform(pin["transform"]), r["beta"])
             rows.append((span, task, u.parent.name, name, r["beta"], k, r["kl"]["mean"]))
     print(
@@ -555,8 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--out", default=str(ROOT / "runs" / "claims"))
         if name in ("run", "ablate-t", "eval-train", "tilt"):
             q.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="regression")
-            q.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
             q.add_argument("--kls", type=float, nargs="+", default=None)
+        if name in ("run", "ablate-t", "eval-train"):
+            q.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
             q.add_argument("--max-minutes", type=float, default=None)
         elif name not in ("summarize", "tilt"):
             q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
