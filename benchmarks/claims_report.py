@@ -498,8 +498,10 @@ GUIDANCE = (
 def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, Any] | None:
     """The t ablation of one task (``ablate-t``: exp:t / negexp:t for fixed t, next to the theory's
     t of ``exp:auto@k``): per KL of ``at_kl``, each t's paired difference to identity (mean, low,
-    high, seeds) and the measured best t (largest mean difference among the ts with a point there).
-    None without ablation units. ``infalign solve`` prints it beside the exact answer."""
+    high, seeds) over the ablation's own seeds, the theory's t included (the sweep's tables hold
+    exp:auto on every seed; here it is compared on the same seeds as the fixed t's), and the
+    measured best t (largest mean difference among the ts with a point there). None without
+    ablation units. ``infalign solve`` prints it beside the exact answer."""
     from infalign import theory
 
     task, proc, at = summary["task"], summary["procedure"], summary["at_kl"]
@@ -508,10 +510,27 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
     ts = sorted(float(m.group(1)) for m in found if m)
     if not ts:
         return None
+    names = {f"{fam}{t:g}" for t in ts}
+    pts = [
+        {f: np.array(v) for f, v in c.items()}
+        for c in summary["points"][algo].values()
+        if names & set(c)
+    ]
+    seeds = sorted(int(s) for s, c in summary["points"][algo].items() if names & set(c))
 
-    def diff(name: str) -> list[list[float]]:
-        d = summary["diffs"].get(f"{name}@{algo} - identity@{algo} [{proc}]")
-        return [list(x) for x in d] if d else [[math.nan] * 3 + [0]] * len(at)
+    def diff(unit: str) -> list[list[float]]:
+        d = np.array(
+            [
+                [
+                    interp(c[unit], k, 1) - interp(c["identity"], k, 1)
+                    if unit in c and "identity" in c
+                    else np.nan
+                    for k in at
+                ]
+                for c in pts
+            ]
+        )
+        return [list(t_interval(d[:, j])) for j in range(len(at))]
 
     vs = {f"{t:g}": diff(f"{fam}{t:g}") for t in ts}
     vs["theory"] = diff("exp")
@@ -523,13 +542,11 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
 
     family = auto_family(f"{fam}:auto")
     theory_t = {f"{k:g}": float(theory.best_t(family, proc, k)) for k in at}
-    names = {f"{fam}{t:g}" for t in ts}
-    seeds = [int(s) for s, c in summary["points"][algo].items() if names & set(c)]
     return {
         "task": task,
         "family": fam,
         "algorithm": algo,
-        "seeds": sorted(seeds),
+        "seeds": seeds,
         "at_kl": list(at),
         "vs_identity": vs,
         "best": best,
