@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,23 @@ def t_interval(x: np.ndarray) -> tuple[float, float, float, int]:
     return m, m - h, m + h, int(x.size)
 
 
+def paired_diff(
+    per_seed: list[dict[str, np.ndarray]], a: str, b: str, at: Sequence[float], col: int
+) -> list[tuple[float, float, float, int]]:
+    """a - b paired by seed: per seed, both curves interpolated at each KL of ``at`` (column ``col``),
+    then the t-interval over the seeds that have both there."""
+    d = np.array(
+        [
+            [
+                interp(c[a], k, col) - interp(c[b], k, col) if a in c and b in c else np.nan
+                for k in at
+            ]
+            for c in per_seed
+        ]
+    )
+    return [t_interval(d[:, j]) for j in range(len(at))]
+
+
 def _fmt(m: float, lo: float, hi: float, n: int, nd: int = 3) -> str:
     if not math.isfinite(m):
         return "—"
@@ -150,20 +168,9 @@ def summarize_task(task: str) -> dict[str, Any]:
         pairs += [(f, "identity") for f in fams if f not in FAMILIES]
         for a, b in pairs:
             for col, what in ((1, proc), (2, "sample")):
-                d = np.array(
-                    [
-                        [
-                            interp(c[a], k, col) - interp(c[b], k, col)
-                            if a in c and b in c
-                            else np.nan
-                            for k in AT
-                        ]
-                        for c in cs.values()
-                    ]
+                diffs[f"{a}@{algo} - {b}@{algo} [{what}]"] = paired_diff(
+                    list(cs.values()), a, b, AT, col
                 )
-                diffs[f"{a}@{algo} - {b}@{algo} [{what}]"] = [
-                    t_interval(d[:, j]) for j in range(len(AT))
-                ]
         points[algo] = {str(s): {f: c[f].tolist() for f in c} for s, c in cs.items()}
         ref += [
             (r["win_rate"][proc]["mean"], r["standard_win_rate"]["mean"])
@@ -519,18 +526,7 @@ def t_guidance(summary: dict[str, Any], algo: str = "regression") -> dict[str, A
     seeds = sorted(int(s) for s, c in summary["points"][algo].items() if names & set(c))
 
     def diff(unit: str) -> list[list[float]]:
-        d = np.array(
-            [
-                [
-                    interp(c[unit], k, 1) - interp(c["identity"], k, 1)
-                    if unit in c and "identity" in c
-                    else np.nan
-                    for k in at
-                ]
-                for c in pts
-            ]
-        )
-        return [list(t_interval(d[:, j])) for j in range(len(at))]
+        return [list(x) for x in paired_diff(pts, unit, "identity", at, 1)]
 
     vs = {f"{t:g}": diff(f"{fam}{t:g}") for t in ts}
     vs["theory"] = diff("exp")
