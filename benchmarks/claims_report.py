@@ -44,7 +44,8 @@ def load_units(task: str, algorithm: str) -> list[dict[str, Any]]:
 def compute(task: str, algorithm: str, jobs: int = 2) -> dict[str, Any]:
     """How much of the main sweep (``len(SEEDS)`` seeds x (pi_ref + every family's betas)) has
     finished, and its wall time at ``jobs`` workers projected from the median unit (robust to units
-    whose clock ran while the sweep was paused)."""
+    whose clock ran while the sweep was paused), and the finished units' summed seconds (one thread
+    each) in hours."""
     units = load_units(task, algorithm)
     main = [
         u for u in units if u["unit"]["job"] is None or _family(u["unit"]["job"][0]) in FAMILIES
@@ -55,6 +56,7 @@ def compute(task: str, algorithm: str, jobs: int = 2) -> dict[str, Any]:
         "units_done": len(main),
         "units_all": n_all,
         "median_unit_seconds": med,
+        "unit_hours": sum(u["seconds"] for u in main if u["unit"]["job"] is not None) / 3600,
         "jobs": jobs,
         "projected_hours": n_all * med / jobs / 3600,
     }
@@ -228,7 +230,8 @@ def markdown(summary: dict[str, Any]) -> str:
         *(
             f"Sweep `{a}`: {c['units_done']} of {c['units_all']} units finished; a unit (train + "
             f"evaluate, one thread) takes {c['median_unit_seconds'] / 60:.0f} min (median), so the "
-            f"whole sweep is about {c['projected_hours']:.0f} h of wall time at {c['jobs']} workers."
+            f"whole sweep is about {c['projected_hours']:.0f} h of wall time at {c['jobs']} workers; "
+            f"the finished units took {c['unit_hours']:.1f} unit-hours."
             for a, c in summary.get("compute", {}).items()
         ),
         "",
